@@ -1,0 +1,5 @@
+import sys
+
+from microseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""`microseg <command> [--conf FILE] [--set key=value ...] [options]`.
+
+Exit status: 0 success, 2 usage or configuration error, 1 job failure; on failure one line on
+stderr says what went wrong (`--debug` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from microseg.config import Config, ConfigError, load_config, resolve_conf_path
+
+log = logging.getLogger("microseg")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Config, argparse.Namespace], int | None]
+
+
+def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="source mapping name (conf/sources/NAME.yaml)")
+    parser.add_argument("--path", required=True, help="input file, folder (recursive) or glob")
+    parser.add_argument(
+        "--format", choices=("json", "csv", "parquet"), help="override the mapping's input format"
+    )
+    parser.add_argument(
+        "--reprocess",
+        action="store_true",
+        help="read files again even if already ingested (adds nothing that is already there)",
+    )
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.ingest import run_ingest
+    from microseg.report import print_ingest_report
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-ingest")
+    report = run_ingest(
+        spark, cfg, source=args.source, path=args.path, fmt=args.format, reprocess=args.reprocess
+    )
+    print_ingest_report(report)
+    return 0
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--users", type=int, help="number of users (default generate.users)")
+    size.add_argument("--events", type=int, help="about this many events (sets the user count)")
+    parser.add_argument("--days", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--format", choices=("json", "parquet"))
+    parser.add_argument("--output", help="output folder (default generate.output)")
+    for fault in ("malformed", "duplicate", "late", "invalid"):
+        parser.add_argument(f"--{fault}-share", type=float, dest=f"{fault}_share")
+
+
+def _generate(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.config import GenerateConfig
+    from microseg.generate import estimate_users_for_events, generate
+    from microseg.report import print_generate_manifest
+
+    updates = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None
+        and k in GenerateConfig.model_fields
+    }
+    if args.events is not None:
+        updates["users"] = estimate_users_for_events(args.events)
+    try:
+        settings = GenerateConfig.model_validate({**cfg.generate.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(f"generate: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
+    manifest = generate(settings, progress=lambda msg: print(msg, file=sys.stderr))
+    print_generate_manifest(settings, manifest)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("generate", "write a synthetic event dataset with ground-truth personas",
+                _generate_arguments, _generate),
+        Command("ingest", "validate input files into bronze/events and bronze/quarantine",
+                _ingest_arguments, _ingest),
+    )
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (then exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--conf",
+        metavar="FILE",
+        help="config file (default: $MICROSEG_CONF or conf/local.yaml); may `extends:` a base",
+    )
+    common.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one config key, e.g. --set spark.shuffle_partitions=4 (repeatable)",
+    )
+    common.add_argument("--debug", action="store_true", help="print tracebacks on failure")
+    parser = _Parser(
+        prog="microseg",
+        description="Behavioral micro-segmentation on Apache Spark and Delta Lake.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for command in COMMANDS.values():
+        command.add_arguments(sub.add_parser(command.name, help=command.help, parents=[common]))
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0]
+    return first if len(first) <= 500 else first[:497] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"microseg {args.command}"
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    started = time.monotonic()
+    try:
+        cfg = load_config(resolve_conf_path(args.conf), args.overrides)
+        status = COMMANDS[args.command].run(cfg, args) or 0
+    except ConfigError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: config error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a job failure: one clear line, details with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    log.info("%s finished in %.1f s", prog, time.monotonic() - started)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

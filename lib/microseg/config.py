@@ -1,0 +1,272 @@
+"""Typed configuration: a YAML file (which may `extends:` a base file), then `--set` overrides.
+
+Every model forbids unknown keys and is frozen, so a typo is an error that names the key and
+the file it came from, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+
+DEFAULT_CONF = "conf/local.yaml"
+CONF_ENV_VAR = "MICROSEG_CONF"
+
+
+class ConfigError(Exception):
+    """A configuration or usage problem; the CLI exits with status 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept `90s`, `30m`, `1h`, `7d`, `2w`, a number of seconds, or an ISO 8601 duration."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _utc(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+UtcDatetime = Annotated[datetime, BeforeValidator(_utc)]
+
+
+def _spark_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int | float) else value
+
+
+SparkValue = Annotated[str, BeforeValidator(_spark_value)]
+
+
+class SparkConfig(Strict):
+    master: str | None = Field(
+        "local[*]", description="Spark master; null leaves it to spark-submit --master."
+    )
+    app_name: str = "microseg"
+    shuffle_partitions: int = Field(8, ge=1)
+    delta_jars: str | None = Field(
+        "~/.cache/microseg/jars",
+        description="Folder for the Delta Lake JARs, filled from Maven Central on first start "
+        "and used offline after; null when spark-submit --packages/--jars provides them.",
+    )
+    conf: dict[str, SparkValue] = Field(
+        default_factory=dict, description="Any other Spark settings (values may be YAML scalars)."
+    )
+
+
+class LakeConfig(Strict):
+    root: str = Field("lake", description="Lake root: a local folder, s3a://, abfss://, hdfs://.")
+
+
+DEFAULT_EVENT_TYPES = (
+    "page_view",
+    "product_view",
+    "search",
+    "add_to_cart",
+    "remove_from_cart",
+    "add_to_wishlist",
+    "checkout_started",
+    "purchase",
+)
+
+
+class IngestConfig(Strict):
+    sources_dir: str = Field("conf/sources", description="Folder of per-source mapping files.")
+    event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
+    max_future_skew: Duration = Field(
+        timedelta(hours=1), description="How far past the ingest time an event_time may lie."
+    )
+    min_event_time: UtcDatetime = Field(
+        datetime(2000, 1, 1, tzinfo=timezone.utc),
+        description="Events before this instant are impossible (epoch-zero bugs and the like).",
+    )
+
+
+class PrivacyConfig(Strict):
+    pseudonymization_key: SecretStr | None = Field(
+        None, description="Key of the keyed hash for personal fields; prefer the env variable."
+    )
+    pseudonymization_key_env: str = "MICROSEG_PSEUDONYMIZATION_KEY"
+
+    def key(self) -> bytes | None:
+        from_env = os.environ.get(self.pseudonymization_key_env)
+        if from_env:
+            return from_env.encode()
+        if self.pseudonymization_key is not None:
+            return self.pseudonymization_key.get_secret_value().encode()
+        return None
+
+
+class GenerateConfig(Strict):
+    seed: int = 42
+    users: int = Field(2000, ge=1)
+    start: UtcDatetime = datetime(2026, 9, 1, tzinfo=timezone.utc)
+    days: int = Field(60, ge=1)
+    format: Literal["json", "parquet"] = "json"
+    output: str = "data/generated"
+    malformed_share: float = Field(0.0, ge=0, le=0.5)
+    duplicate_share: float = Field(0.0, ge=0, le=0.5)
+    late_share: float = Field(0.0, ge=0, le=0.5)
+    invalid_share: float = Field(0.0, ge=0, le=0.5)
+
+
+class Config(Strict):
+    spark: SparkConfig = SparkConfig()
+    lake: LakeConfig = LakeConfig()
+    ingest: IngestConfig = IngestConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, overlay: dict, origin: str, provenance: dict, prefix: tuple = ()) -> dict:
+    """Deep-merge overlay into base; remember which file set each leaf (for error messages)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, origin, provenance, path)
+        else:
+            merged[key] = value
+        provenance[path] = origin
+    return merged
+
+
+def _load_chain(path: Path, provenance: dict, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    base: dict[str, Any] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: `extends` must be a file name")
+        base = _load_chain(path.parent / parent, provenance, (*seen, resolved))
+    return _merge(base, data, str(path), provenance)
+
+
+def _set_path(model: type[BaseModel], parts: list[str], assignment: str) -> tuple[str, ...]:
+    """Split a dotted --set key along the model's nesting; dict-valued fields take the rest."""
+    path: list[str] = []
+    current: Any = model
+    while parts:
+        name = parts.pop(0)
+        fields = getattr(current, "model_fields", None)
+        if fields is None or name not in fields:
+            known = ", ".join(sorted(fields)) if fields else ""
+            where = ".".join(path) or "top level"
+            raise ConfigError(
+                f"--set {assignment}: unknown key '{name}' under {where}"
+                + (f" (known: {known})" if known else "")
+            )
+        path.append(name)
+        annotation = fields[name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+            continue
+        if parts and getattr(annotation, "__origin__", None) is dict:
+            path.append(".".join(parts))
+            parts = []
+        elif parts:
+            raise ConfigError(f"--set {assignment}: '{'.'.join(path)}' has no sub-keys")
+    return tuple(path)
+
+
+def parse_overrides(assignments: list[str], provenance: dict) -> dict[str, Any]:
+    overlay: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {assignment}: expected key=value")
+        path = _set_path(Config, key.strip().split("."), assignment)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = overlay
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return _merge({}, overlay, "--set", provenance)
+
+
+def _origin(provenance: dict, loc: tuple) -> str:
+    parts = tuple(str(p) for p in loc)
+    for end in range(len(parts), -1, -1):
+        if parts[:end] in provenance:
+            return provenance[parts[:end]]
+    return "defaults"
+
+
+def load_config(conf_path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load the config file (following `extends:`), apply `--set` overrides and validate."""
+    provenance: dict[tuple, str] = {}
+    data: dict[str, Any] = {}
+    if conf_path is not None:
+        data = _load_chain(Path(conf_path), provenance)
+    data = _merge(data, parse_overrides(list(overrides), provenance), "--set", {})
+    return validate_config(data, provenance)
+
+
+def validate_config(data: dict[str, Any], provenance: dict[tuple, str] | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, provenance or {})) from exc
+
+
+def describe_validation_error(exc: ValidationError, provenance: dict[tuple, str]) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        origin = _origin(provenance, err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{origin}: unknown key '{key}'")
+        else:
+            problems.append(f"{origin}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(problems)
+
+
+def resolve_conf_path(explicit: str | None) -> str:
+    return explicit or os.environ.get(CONF_ENV_VAR) or DEFAULT_CONF

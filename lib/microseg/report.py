@@ -1,0 +1,48 @@
+"""What jobs print for a person: short tables on stdout (small, driver-side data only)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from microseg.ingest import REASONS, IngestReport
+
+console = Console(highlight=False)
+
+
+def print_ingest_report(report: IngestReport) -> None:
+    console.print(
+        f"[bold]ingest[/bold] source={report.source} run={report.run_id} "
+        f"files read={len(report.files)} skipped (already ingested)={len(report.skipped_files)}"
+    )
+    if not report.files:
+        console.print("nothing new to ingest")
+        return
+    table = Table("records", "events added", "already present", "quarantined")
+    table.add_row(
+        f"{report.records:,}",
+        f"{report.events_added:,}",
+        f"{report.already_present:,}",
+        f"{report.quarantined:,}",
+    )
+    console.print(table)
+    if report.reasons:
+        reasons = Table("quarantine reason", "records", "meaning")
+        for reason, count in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
+            reasons.add_row(reason, f"{count:,}", REASONS.get(reason, ""))
+        console.print(reasons)
+    if report.seconds:
+        console.print(
+            f"{report.records:,} records in {report.seconds:.1f} s "
+            f"({report.records / report.seconds:,.0f} records/s)"
+        )
+
+
+def print_generate_manifest(settings, manifest: dict) -> None:
+    counts = manifest.get("counts", manifest)
+    console.print(f"[bold]generate[/bold] wrote {settings.format} files to {settings.output}")
+    table = Table("what", "count")
+    for key, value in counts.items():
+        if isinstance(value, int | float):
+            table.add_row(str(key), f"{value:,}")
+    console.print(table)

@@ -1,0 +1,45 @@
+"""The one Spark session builder: Delta Lake on, UTC, everything else from config."""
+
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import SparkSession
+
+from microseg.config import SparkConfig
+from microseg.jars import delta_jars
+
+# Settings every microseg session needs; config may add to them but not change them.
+REQUIRED_CONF = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    # Event times are UTC end to end: dates, hours and day-of-week are computed in UTC.
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def build_spark(cfg: SparkConfig, *, app_name: str | None = None) -> SparkSession:
+    """Return the session for a job: Delta extensions and catalog on, session time zone UTC.
+
+    When a session already exists in this process (spark-submit, a notebook, the test
+    fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
+    """
+    if cfg.master and cfg.master.startswith("local"):
+        # local mode talks to itself only: loopback, not the first network interface
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.appName(app_name or cfg.app_name)
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    settings = {"spark.sql.shuffle.partitions": str(cfg.shuffle_partitions), **cfg.conf}
+    if cfg.delta_jars:
+        jars = [j for j in settings.get("spark.jars", "").split(",") if j]
+        settings["spark.jars"] = ",".join([*delta_jars(cfg.delta_jars), *jars])
+    settings.update(REQUIRED_CONF)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    # getOrCreate applies SQL settings to an existing session too; make sure of the required ones.
+    for key, value in REQUIRED_CONF.items():
+        if key.startswith("spark.sql.session"):
+            spark.conf.set(key, value)
+    return spark

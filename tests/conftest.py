@@ -1,0 +1,67 @@
+"""One Spark session for the whole run, tuned for 2 cores; per-test lake folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from microseg.config import Config, load_config
+from microseg.spark import build_spark
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TEST_KEY = "test-only-pseudonymization-key"
+
+TEST_SETTINGS = [
+    "spark.master=local[2]",
+    "spark.shuffle_partitions=2",
+    "spark.conf.spark.ui.enabled=false",
+    "spark.conf.spark.sql.adaptive.coalescePartitions.initialPartitionNum=2",
+    "spark.conf.spark.default.parallelism=2",
+    "spark.conf.spark.databricks.delta.snapshotPartitions=1",
+    "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2",
+]
+
+
+def make_config(tmp_path: Path, *overrides: str) -> Config:
+    return load_config(
+        ROOT / "conf" / "local.yaml",
+        [
+            *TEST_SETTINGS,
+            f"lake.root={tmp_path / 'lake'}",
+            f"ingest.sources_dir={ROOT / 'conf' / 'sources'}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    os.chdir(ROOT)  # conf/ paths (log4j, sources) are relative to the repository
+    cfg = make_config(tmp_path_factory.mktemp("session"))
+    session = build_spark(cfg.spark, app_name="microseg-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv("MICROSEG_PSEUDONYMIZATION_KEY", TEST_KEY)
+    return TEST_KEY
+
+
+@pytest.fixture
+def sources_dir(tmp_path) -> Path:
+    """A private copy of conf/sources that a test may add mappings to."""
+    target = tmp_path / "sources"
+    shutil.copytree(ROOT / "conf" / "sources", target)
+    return target
