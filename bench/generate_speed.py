@@ -61,8 +61,9 @@ def run_one(events: int, fmt: str, output: Path, faults: bool, seed: int) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 5_000_000])
-    parser.add_argument("--formats", nargs="+", default=["json", "parquet"],
-                        choices=["json", "parquet"])
+    parser.add_argument(
+        "--formats", nargs="+", default=["json", "parquet"], choices=["json", "parquet"]
+    )
     parser.add_argument("--faults", action="store_true", help="inject 1 %% of every fault kind")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", help="keep the output in this folder (one subfolder a run)")
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.single:  # child process: one format, one size, print one JSON line
-        result = run_one(args.events[0], args.formats[0], Path(args.output), args.faults,
-                         args.seed)
+        result = run_one(args.events[0], args.formats[0], Path(args.output), args.faults, args.seed)
         print(json.dumps(result))
         return 0
 
@@ -80,8 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         for events in args.events:
             for fmt in args.formats:
                 out = base / f"{fmt}-{events}"
-                cmd = [sys.executable, __file__, "--single", "--events", str(events),
-                       "--formats", fmt, "--output", str(out), "--seed", str(args.seed)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--single",
+                    "--events",
+                    str(events),
+                    "--formats",
+                    fmt,
+                    "--output",
+                    str(out),
+                    "--seed",
+                    str(args.seed),
+                ]
                 if args.faults:
                     cmd.append("--faults")
                 done = subprocess.run(cmd, check=True, capture_output=True, text=True)

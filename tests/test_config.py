@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from tests.conftest import ROOT
 
 from microseg.cli import main
 from microseg.config import ConfigError, load_config
 from microseg.sources import load_source
-from tests.conftest import ROOT
 
 
 def write(path, text):
@@ -49,7 +49,10 @@ def test_set_overrides_parse_values_and_reach_dict_keys():
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
-    conf = write(tmp_path / "env.yaml", "extends: %s\nspark:\n  shufle_partitions: 4\n" % (ROOT / "conf" / "base.yaml"))
+    conf = write(
+        tmp_path / "env.yaml",
+        "extends: %s\nspark:\n  shufle_partitions: 4\n" % (ROOT / "conf" / "base.yaml"),
+    )
     with pytest.raises(ConfigError) as err:
         load_config(conf)
     assert str(err.value) == f"{conf}: unknown key 'spark.shufle_partitions'"
@@ -114,7 +117,9 @@ def test_cli_help_lists_commands(capsys):
 
 
 def test_unknown_source_lists_available(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown source 'nope'.*available: rees46, synthetic, taobao"):
+    with pytest.raises(
+        ConfigError, match=r"unknown source 'nope'.*available: rees46, synthetic, taobao"
+    ):
         load_source(ROOT / "conf" / "sources", "nope")
 
 

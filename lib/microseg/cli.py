@@ -30,7 +30,9 @@ class Command:
 
 
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="source mapping name (conf/sources/NAME.yaml)")
+    parser.add_argument(
+        "--source", required=True, help="source mapping name (conf/sources/NAME.yaml)"
+    )
     parser.add_argument("--path", required=True, help="input file, folder (recursive) or glob")
     parser.add_argument(
         "--format", choices=("json", "csv", "parquet"), help="override the mapping's input format"
@@ -73,17 +75,16 @@ def _generate(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.report import print_generate_manifest
 
     updates = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None
-        and k in GenerateConfig.model_fields
+        k: v for k, v in vars(args).items() if v is not None and k in GenerateConfig.model_fields
     }
     if args.events is not None:
         updates["users"] = estimate_users_for_events(args.events)
     try:
         settings = GenerateConfig.model_validate({**cfg.generate.model_dump(), **updates})
     except ValidationError as exc:
-        raise ConfigError(f"generate: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
+        raise ConfigError(
+            f"generate: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+        ) from exc
     manifest = generate(settings, progress=lambda msg: print(msg, file=sys.stderr))
     print_generate_manifest(settings, manifest)
     return 0
@@ -92,10 +93,18 @@ def _generate(cfg: Config, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        Command("generate", "write a synthetic event dataset with ground-truth personas",
-                _generate_arguments, _generate),
-        Command("ingest", "validate input files into bronze/events and bronze/quarantine",
-                _ingest_arguments, _ingest),
+        Command(
+            "generate",
+            "write a synthetic event dataset with ground-truth personas",
+            _generate_arguments,
+            _generate,
+        ),
+        Command(
+            "ingest",
+            "validate input files into bronze/events and bronze/quarantine",
+            _ingest_arguments,
+            _ingest,
+        ),
     )
 }
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -64,6 +64,7 @@ USERS_PER_CHUNK = 20_000  # part of the determinism contract: changing it change
 RENDER_ROWS = 500_000  # rows rendered at once (one Parquet row group)
 WRITER_THREADS = 2
 DAY_MS = 86_400_000
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 HOUR_MS = 3_600_000
 MIN_SESSION_GAP_MS = 35 * 60_000  # sessions of one user are at least this far apart
 MAX_EVENT_GAP_MS = 15 * 60_000  # in-session gaps are capped here (well below 30 minutes)
@@ -114,6 +115,7 @@ DEVICES = ("mobile", "desktop", "tablet")
 DESKTOP = 1
 
 # (name, median price in EUR, share of the catalogue, search terms)
+# fmt: off
 CATEGORIES = (
     ("electronics.audio", 79, 1.0, ("wireless headphones", "bluetooth speaker",
                                     "noise cancelling", "earbuds", "soundbar", "turntable")),
@@ -139,9 +141,11 @@ CATEGORIES = (
     ("jewelry.watches", 249, 0.7, ("smartwatch", "automatic watch", "silver necklace",
                                    "gold ring", "earrings", "leather strap")),
 )
+# fmt: on
 N_CATEGORIES = len(CATEGORIES)
 TERMS_PER_CATEGORY = 6
 
+# fmt: off
 GEOS = (
     ("DE", "Berlin", 12), ("DE", "Munich", 8), ("DE", "Hamburg", 7), ("DE", "Cologne", 5),
     ("FR", "Paris", 10), ("FR", "Lyon", 4), ("NL", "Amsterdam", 6), ("NL", "Rotterdam", 3),
@@ -149,6 +153,7 @@ GEOS = (
     ("IT", "Rome", 5), ("BE", "Brussels", 4), ("IE", "Dublin", 3), ("FI", "Helsinki", 2),
     ("PT", "Lisbon", 3),
 )
+# fmt: on
 
 SALE_CAMPAIGNS = ("summer_sale", "black_friday")
 SALE = "<sale>"
@@ -196,70 +201,105 @@ class Persona:
     p_sale_day: float = 0.0  # share of sessions placed on sale days
 
 
+# Category preference order: audio, computers, shoes, fashion, kitchen, furniture, skincare,
+# outdoor, books, toys, grocery, watches. Channel order: see CHANNELS.
+# fmt: off
 PERSONAS = (
     Persona(
-        "loyal_frequent_buyer", 0.12, 4.0, 0.10, 1.0, 4.0, (0.25, 0.15, 0.55, 0.05), 40,
-        0.55, 0.60, 0.6, 0.08, 0.85, 0.92, (0.88, 0.09, 0.03), 1.0,
-        (0.5, 0.3, 0.8, 1.5, 2.0, 0.4, 2.0, 0.8, 2.0, 0.8, 3.0, 0.3), 0.6,
-        ((20.0, 1.5, 1.0),), (0.45, 0.45, 0.10), 0.45, (0.65, 0.20, 0.10, 0.05),
-        (0.45, 0.15, 0.02, 0.30, 0.03, 0.05, 0, 0, 0),
-        (0.35, 0.10, 0.02, 0.15, 0.03, 0.05, 0.25, 0.05, 0), 0.6,
+        name="loyal_frequent_buyer", weight=0.12,
+        sessions_per_week=4.0, first_day_frac=0.10, last_day_frac=1.0,
+        browse_mean=4.0, browse_mix=(0.25, 0.15, 0.55, 0.05), gap_mean_s=40,
+        p_cart=0.55, p_cart_sale=0.60, extra_items=0.6, p_remove=0.08,
+        p_checkout=0.85, p_purchase=0.92, qty_mix=(0.88, 0.09, 0.03), price_level=1.0,
+        categories=(0.5, 0.3, 0.8, 1.5, 2.0, 0.4, 2.0, 0.8, 2.0, 0.8, 3.0, 0.3),
+        concentration=0.6, hour_peaks=((20.0, 1.5, 1.0),), devices=(0.45, 0.45, 0.10),
+        p_two_cookies=0.45, login=(0.65, 0.20, 0.10, 0.05),
+        channels=(0.45, 0.15, 0.02, 0.30, 0.03, 0.05, 0, 0, 0),
+        channels_sale=(0.35, 0.10, 0.02, 0.15, 0.03, 0.05, 0.25, 0.05, 0),
+        p_marketing=0.6,
     ),
     Persona(
-        "high_value_occasional", 0.08, 0.7, 0.20, 1.0, 7.0, (0.20, 0.20, 0.58, 0.02), 90,
-        0.45, 0.50, 0.2, 0.05, 0.80, 0.90, (0.88, 0.09, 0.03), 4.0,
-        (2.0, 3.0, 0.6, 0.8, 0.6, 2.5, 0.3, 0.8, 0.3, 0.3, 0.2, 3.0), 0.45,
-        ((12.5, 1.0, 1.0), (20.5, 1.5, 0.25)), (0.15, 0.75, 0.10), 0.40,
-        (0.40, 0.40, 0.10, 0.10),
-        (0.30, 0.35, 0.05, 0.05, 0, 0.25, 0, 0, 0),
-        (0.30, 0.30, 0.05, 0.05, 0, 0.25, 0.05, 0, 0), 0.4,
+        name="high_value_occasional", weight=0.08,
+        sessions_per_week=0.7, first_day_frac=0.20, last_day_frac=1.0,
+        browse_mean=7.0, browse_mix=(0.20, 0.20, 0.58, 0.02), gap_mean_s=90,
+        p_cart=0.45, p_cart_sale=0.50, extra_items=0.2, p_remove=0.05,
+        p_checkout=0.80, p_purchase=0.90, qty_mix=(0.88, 0.09, 0.03), price_level=1.5,
+        categories=(2.0, 2.0, 0.8, 1.0, 1.0, 1.8, 0.6, 1.0, 0.5, 0.5, 0.4, 2.0),
+        concentration=0.45, hour_peaks=((12.5, 1.0, 1.0), (20.5, 1.5, 0.25)),
+        devices=(0.15, 0.75, 0.10), p_two_cookies=0.40, login=(0.40, 0.40, 0.10, 0.10),
+        channels=(0.30, 0.35, 0.05, 0.05, 0, 0.25, 0, 0, 0),
+        channels_sale=(0.30, 0.30, 0.05, 0.05, 0, 0.25, 0.05, 0, 0),
+        p_marketing=0.4,
     ),
     Persona(
-        "deal_seeker", 0.12, 1.0, 0.15, 1.0, 6.0, (0.20, 0.35, 0.43, 0.02), 50,
-        0.20, 0.60, 0.8, 0.10, 0.75, 0.85, (0.60, 0.25, 0.15), 0.45,
-        (1.5, 0.8, 2.0, 2.5, 1.5, 0.5, 1.2, 1.0, 0.6, 2.0, 0.8, 0.5), 0.25,
-        ((8.0, 1.5, 0.6), (21.0, 1.5, 0.6)), (0.75, 0.15, 0.10), 0.35,
-        (0.30, 0.40, 0.10, 0.20),
-        (0.10, 0.15, 0.05, 0.20, 0.05, 0.05, 0, 0, 0.40),
-        (0.03, 0.04, 0.01, 0.05, 0.02, 0, 0.45, 0.35, 0.05), 0.85,
-        p_sale_day=0.75,
+        name="deal_seeker", weight=0.12,
+        sessions_per_week=1.0, first_day_frac=0.15, last_day_frac=1.0, p_sale_day=0.75,
+        browse_mean=6.0, browse_mix=(0.20, 0.35, 0.43, 0.02), gap_mean_s=50,
+        p_cart=0.20, p_cart_sale=0.60, extra_items=0.8, p_remove=0.10,
+        p_checkout=0.75, p_purchase=0.85, qty_mix=(0.60, 0.25, 0.15), price_level=0.45,
+        categories=(1.5, 0.8, 2.0, 2.5, 1.5, 0.5, 1.2, 1.0, 0.6, 2.0, 0.8, 0.5),
+        concentration=0.25, hour_peaks=((8.0, 1.5, 0.6), (21.0, 1.5, 0.6)),
+        devices=(0.75, 0.15, 0.10), p_two_cookies=0.35, login=(0.30, 0.40, 0.10, 0.20),
+        channels=(0.10, 0.15, 0.05, 0.20, 0.05, 0.05, 0, 0, 0.40),
+        channels_sale=(0.03, 0.04, 0.01, 0.05, 0.02, 0, 0.45, 0.35, 0.05),
+        p_marketing=0.85,
     ),
     Persona(
-        "window_shopper", 0.25, 2.0, 0.20, 1.0, 9.0, (0.25, 0.10, 0.50, 0.15), 80,
-        0.04, 0.05, 0.0, 0.50, 0.0, 0.0, (0.88, 0.09, 0.03), 1.3,
-        (0.8, 0.8, 2.5, 3.0, 0.8, 2.0, 1.5, 0.6, 0.6, 0.4, 0.3, 2.0), 0.2,
-        ((23.5, 1.5, 1.0),), (0.70, 0.10, 0.20), 0.35, (0.10, 0.20, 0.20, 0.50),
-        (0.20, 0.25, 0.03, 0.02, 0.45, 0.05, 0, 0, 0),
-        (0.15, 0.20, 0.02, 0.02, 0.40, 0.05, 0.06, 0.10, 0), 0.5,
+        name="window_shopper", weight=0.25,
+        sessions_per_week=2.0, first_day_frac=0.20, last_day_frac=1.0,
+        browse_mean=9.0, browse_mix=(0.25, 0.10, 0.50, 0.15), gap_mean_s=80,
+        p_cart=0.04, p_cart_sale=0.05, extra_items=0.0, p_remove=0.50,
+        p_checkout=0.0, p_purchase=0.0, qty_mix=(0.88, 0.09, 0.03), price_level=1.3,
+        categories=(0.8, 0.8, 2.5, 3.0, 0.8, 2.0, 1.5, 0.6, 0.6, 0.4, 0.3, 2.0),
+        concentration=0.2, hour_peaks=((23.5, 1.5, 1.0),), devices=(0.70, 0.10, 0.20),
+        p_two_cookies=0.35, login=(0.10, 0.20, 0.20, 0.50),
+        channels=(0.20, 0.25, 0.03, 0.02, 0.45, 0.05, 0, 0, 0),
+        channels_sale=(0.15, 0.20, 0.02, 0.02, 0.40, 0.05, 0.06, 0.10, 0),
+        p_marketing=0.5,
     ),
     Persona(
-        "cart_abandoner", 0.15, 1.5, 0.20, 1.0, 5.0, (0.20, 0.20, 0.58, 0.02), 60,
-        0.75, 0.80, 1.0, 0.30, 0.35, 0.04, (0.88, 0.09, 0.03), 1.2,
-        (2.0, 2.0, 1.5, 1.0, 1.0, 1.0, 0.8, 2.0, 0.5, 0.8, 0.4, 1.0), 0.4,
-        ((16.0, 2.0, 1.0),), (0.35, 0.55, 0.10), 0.40, (0.30, 0.50, 0.10, 0.10),
-        (0.30, 0.30, 0.05, 0.05, 0.10, 0.20, 0, 0, 0),
-        (0.25, 0.25, 0.05, 0.05, 0.10, 0.20, 0.05, 0.05, 0), 0.4,
+        name="cart_abandoner", weight=0.15,
+        sessions_per_week=1.5, first_day_frac=0.20, last_day_frac=1.0,
+        browse_mean=5.0, browse_mix=(0.20, 0.20, 0.58, 0.02), gap_mean_s=60,
+        p_cart=0.75, p_cart_sale=0.80, extra_items=1.0, p_remove=0.30,
+        p_checkout=0.35, p_purchase=0.04, qty_mix=(0.88, 0.09, 0.03), price_level=1.2,
+        categories=(2.0, 2.0, 1.5, 1.0, 1.0, 1.0, 0.8, 2.0, 0.5, 0.8, 0.4, 1.0),
+        concentration=0.4, hour_peaks=((16.0, 2.0, 1.0),), devices=(0.35, 0.55, 0.10),
+        p_two_cookies=0.40, login=(0.30, 0.50, 0.10, 0.10),
+        channels=(0.30, 0.30, 0.05, 0.05, 0.10, 0.20, 0, 0, 0),
+        channels_sale=(0.25, 0.25, 0.05, 0.05, 0.10, 0.20, 0.05, 0.05, 0),
+        p_marketing=0.4,
     ),
     Persona(
-        "lapsed_customer", 0.13, 2.0, 0.08, 1 / 3, 4.0, (0.30, 0.15, 0.52, 0.03), 50,
-        0.35, 0.40, 0.4, 0.10, 0.70, 0.85, (0.88, 0.09, 0.03), 1.0,
-        (0.8, 0.6, 0.8, 1.0, 1.5, 0.5, 0.8, 2.0, 2.5, 2.0, 1.0, 0.5), 0.5,
-        ((19.0, 2.5, 1.0),), (0.45, 0.40, 0.15), 0.30, (0.40, 0.30, 0.10, 0.20),
-        (0.35, 0.30, 0.05, 0.20, 0.05, 0.05, 0, 0, 0),
-        (0.30, 0.25, 0.05, 0.15, 0.05, 0.05, 0.10, 0.05, 0), 0.5,
+        name="lapsed_customer", weight=0.13,
+        sessions_per_week=2.0, first_day_frac=0.08, last_day_frac=1 / 3,
+        browse_mean=4.0, browse_mix=(0.30, 0.15, 0.52, 0.03), gap_mean_s=50,
+        p_cart=0.35, p_cart_sale=0.40, extra_items=0.4, p_remove=0.10,
+        p_checkout=0.70, p_purchase=0.85, qty_mix=(0.88, 0.09, 0.03), price_level=1.0,
+        categories=(0.8, 0.6, 0.8, 1.0, 1.5, 0.5, 0.8, 2.0, 2.5, 2.0, 1.0, 0.5),
+        concentration=0.5, hour_peaks=((19.0, 2.5, 1.0),), devices=(0.45, 0.40, 0.15),
+        p_two_cookies=0.30, login=(0.40, 0.30, 0.10, 0.20),
+        channels=(0.35, 0.30, 0.05, 0.20, 0.05, 0.05, 0, 0, 0),
+        channels_sale=(0.30, 0.25, 0.05, 0.15, 0.05, 0.05, 0.10, 0.05, 0),
+        p_marketing=0.5,
     ),
     Persona(
-        "new_visitor", 0.15, 0.0, 0.0, 1.0, 3.0, (0.45, 0.15, 0.38, 0.02), 45,
-        0.15, 0.20, 0.2, 0.10, 0.50, 0.60, (0.88, 0.09, 0.03), 0.9,
-        (1.0,) * N_CATEGORIES, 0.15,
-        ((14.0, 4.0, 1.0),), (0.80, 0.15, 0.05), 0.10, (0.0, 0.10, 0.05, 0.85),
-        (0.05, 0.45, 0.10, 0, 0.25, 0.15, 0, 0, 0),
-        (0.05, 0.35, 0.10, 0, 0.25, 0.10, 0.05, 0.10, 0), 0.3,
+        name="new_visitor", weight=0.15,
+        sessions_per_week=0.0, first_day_frac=0.0, last_day_frac=1.0,  # see NEW_VISITOR_DAYS
+        browse_mean=3.0, browse_mix=(0.45, 0.15, 0.38, 0.02), gap_mean_s=45,
+        p_cart=0.15, p_cart_sale=0.20, extra_items=0.2, p_remove=0.10,
+        p_checkout=0.50, p_purchase=0.60, qty_mix=(0.88, 0.09, 0.03), price_level=0.9,
+        categories=(1.0,) * N_CATEGORIES,
+        concentration=0.15, hour_peaks=((14.0, 4.0, 1.0),), devices=(0.80, 0.15, 0.05),
+        p_two_cookies=0.10, login=(0.0, 0.10, 0.05, 0.85),
+        channels=(0.05, 0.45, 0.10, 0, 0.25, 0.15, 0, 0, 0),
+        channels_sale=(0.05, 0.35, 0.10, 0, 0.25, 0.10, 0.05, 0.10, 0),
+        p_marketing=0.3,
     ),
 )
+# fmt: on
 PERSONA_NAMES = tuple(p.name for p in PERSONAS)
 NEW_VISITOR = PERSONA_NAMES.index("new_visitor")
-LAPSED = PERSONA_NAMES.index("lapsed_customer")
 
 
 # --------------------------------------------------------------------------------------
@@ -332,10 +372,6 @@ def _ts_strings(ms: np.ndarray) -> pa.StringArray:
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out))
 
 
-def _iso_ms(ms: int) -> str:
-    return _ts_strings(np.asarray([ms], dtype=np.int64))[0].as_py()
-
-
 def _padded(prefix: str, numbers: np.ndarray, width: int) -> pa.StringArray:
     digits = pc.utf8_lpad(pc.cast(pa.array(numbers, type=pa.int64()), pa.string()), width, "0")
     return pc.binary_join_element_wise(prefix, digits, "")
@@ -390,7 +426,7 @@ class _World:
 def _sale_windows(days: int) -> list[tuple[str, int, int]]:
     length = 4 if days >= 20 else max(1, days // 5)
     windows = []
-    for name, frac in zip(SALE_CAMPAIGNS, (0.25, 0.70)):
+    for name, frac in zip(SALE_CAMPAIGNS, (0.25, 0.70), strict=True):
         first = min(int(days * frac), days - 1)
         windows.append((name, first, min(first + length, days) - 1))
     return windows
@@ -473,7 +509,7 @@ def _build_world(settings: GenerateConfig) -> _World:
 
     return _World(
         days=days,
-        start_ms=int(settings.start.timestamp() * 1000),
+        start_ms=(settings.start - EPOCH) // timedelta(milliseconds=1),
         product_cat=product_cat,
         product_cents=product_cents,
         product_sampler=product_sampler,
@@ -518,15 +554,14 @@ def _simulate_chunk(world: _World, seed: int, chunk: int, n_users: int) -> dict:
     """Users, anonymous ids and events (in user, time order) of one chunk; indices are local."""
     rng = np.random.default_rng([*_seed_words(seed), 1, chunk])
     days = world.days
-    n_pers = len(PERSONAS)
     U = n_users
     zeros = np.zeros(U, dtype=np.int64)
 
     # ---- users
     persona = world.persona_sampler.sample(zeros, rng.random(U)).astype(np.int8)
-    first = np.floor(rng.random(U) * (np.floor(_persona_array("first_day_frac") * days) + 1)[
-        persona
-    ]).astype(np.int64)
+    first = np.floor(
+        rng.random(U) * (np.floor(_persona_array("first_day_frac") * days) + 1)[persona]
+    ).astype(np.int64)
     last_by_persona = np.maximum(np.ceil(_persona_array("last_day_frac") * days) - 1, 0)
     last = last_by_persona[persona].astype(np.int64)
     first = np.minimum(first, last)
@@ -642,12 +677,7 @@ def _simulate_chunk(world: _World, seed: int, chunk: int, n_users: int) -> dict:
     product[pur] = product[src]
     qty[pur] = qty[src]
 
-    sale_ev = sale[ev_s]
     has_product = product >= 0
-    base = world.product_cents[np.maximum(product, 0)]
-    price = np.where(sale_ev, np.round(base * SALE_DISCOUNT), base).astype(np.int32)
-    price[~has_product] = 0
-
     search = np.full(E, -1, dtype=np.int16)
     is_search = etype == SEARCH
     search[is_search] = category[is_search] * TERMS_PER_CATEGORY + rng.integers(
@@ -690,6 +720,12 @@ def _simulate_chunk(world: _World, seed: int, chunk: int, n_users: int) -> dict:
     end = start + duration
     keep_session = end < window_end
     keep_session[u_first] = True
+    # a pushed session may have moved to another day: prices and campaigns follow its start
+    campaign = world.day_campaign[np.minimum(start // DAY_MS, days - 1)]
+    sale = campaign >= 0
+    base = world.product_cents[np.maximum(product, 0)]
+    price = np.where(sale[ev_s], np.round(base * SALE_DISCOUNT), base).astype(np.int32)
+    price[~has_product] = 0
 
     # ---- identity: login point, cookie and channel per session
     login_kind = world.login_sampler.sample(sp.astype(np.int64), rng.random(S))
@@ -786,8 +822,8 @@ class _Tables:
         )
         self.j_product = _strings(
             [
-                '{"id":%s,"category":%s,"price":' % (q(pid), q(CATEGORIES[c][0]))
-                for pid, c in zip(pids, world.product_cat)
+                f'{{"id":{q(pid)},"category":{q(CATEGORIES[c][0])},"price":'
+                for pid, c in zip(pids, world.product_cat, strict=True)
             ]
             + ["null"]
         )
@@ -804,20 +840,22 @@ class _Tables:
         self.j_referrer = _strings([q(p) for p in world.pages] + ["null"])
         self.j_device_geo = _strings(
             [
-                '},"device":%s,"geo":{"country":%s,"city":%s},"utm":' % (q(d), q(g[0]), q(g[1]))
+                f'}},"device":{q(d)},"geo":{{"country":{q(g[0])},"city":{q(g[1])}}},"utm":'
                 for d in DEVICES
                 for g in GEOS
             ]
         )
         self.j_utm = _strings(
-            ['{"source":%s,"medium":%s,"campaign":%s}' % tuple(q(v) for v in r)
-             for r in world.utm_rows]
+            [
+                f'{{"source":{q(r[0])},"medium":{q(r[1])},"campaign":{q(r[2])}}}'
+                for r in world.utm_rows
+            ]
             + ["null"]
         )
         self.j_consent = _strings(
             [
-                ',"consent":{"analytics":%s,"marketing":%s}}\n'
-                % (q(bool(code // 2)), q(bool(code % 2)))
+                f',"consent":{{"analytics":{q(bool(code // 2))},'
+                f'"marketing":{q(bool(code % 2))}}}}}\n'
                 for code in range(4)
             ]
         )
@@ -884,9 +922,7 @@ def _render_json(rows: np.ndarray, g: dict, t: _Tables, malformed: np.ndarray) -
         '","referrer":',
         t.j_referrer.take(_null_index(g["referrer"], len(t.j_referrer) - 1)),
         t.j_device_geo.take(
-            pa.array(
-                t.anon_device[g["anon"]].astype(np.int64) * len(GEOS) + t.user_geo[g["user"]]
-            )
+            pa.array(t.anon_device[g["anon"]].astype(np.int64) * len(GEOS) + t.user_geo[g["user"]])
         ),
         t.j_utm.take(_null_index(g["utm"].astype(np.int64), len(t.j_utm) - 1)),
         t.j_consent.take(pa.array(t.anon_consent[g["anon"]].astype(np.int64))),
@@ -894,17 +930,41 @@ def _render_json(rows: np.ndarray, g: dict, t: _Tables, malformed: np.ndarray) -
     lines = _join(*pieces)
     bad = malformed[rows]
     if bad.any():
-        # cut the line: keep only the first k pieces (never the closing one), no valid JSON
         where = np.flatnonzero(bad)
-        idx = pa.array(where)
-        k = (np.arange(len(where)) * 7 + rows[where]) % (len(pieces) - 4) + 3
-        cut = []
-        for j, piece in enumerate(pieces[:-1]):
-            part = piece.take(idx) if isinstance(piece, pa.Array) else pa.scalar(piece)
-            cut.append(pc.if_else(pa.array(j < k), part, pa.scalar("")))
-        cut.append("\n")
-        lines = pc.replace_with_mask(lines, pa.array(bad), _join(*cut))
+        rng = np.random.default_rng([*_seed_words(t.seed), 3, int(rows[0])])
+        cut = _truncated(lines.take(pa.array(where)), rng.uniform(0.25, 0.75, len(where)))
+        lines = pc.replace_with_mask(lines, pa.array(bad), cut)
     return lines
+
+
+def _truncated(lines: pa.StringArray, fraction: np.ndarray, block: int = 20_000) -> pa.Array:
+    """Cut every line (ending in a newline) after `fraction` of its characters, keep the newline.
+
+    The records are ASCII, so characters are bytes; a strict prefix of a JSON object is never
+    valid JSON.
+    """
+    parts = []
+    for lo in range(0, len(lines), block):
+        part = lines.slice(lo, block)
+        n = len(part)
+        _, offsets_buf, data = part.buffers()
+        offsets = np.frombuffer(
+            offsets_buf, dtype=np.int32, count=n + 1, offset=part.offset * 4
+        ).astype(np.int64)
+        text = np.frombuffer(data, dtype=np.uint8)
+        length = np.diff(offsets) - 1  # without the newline
+        keep = np.clip((length * fraction[lo : lo + n]).astype(np.int64), 1, length - 1)
+        new_offsets = np.concatenate([[0], np.cumsum(keep + 1)])
+        row = np.repeat(np.arange(n), keep + 1)
+        within = np.arange(new_offsets[-1]) - new_offsets[row]
+        out = text[offsets[row] + within]
+        out[new_offsets[1:] - 1] = ord("\n")
+        parts.append(
+            pa.StringArray.from_buffers(
+                n, pa.py_buffer(new_offsets.astype(np.int32)), pa.py_buffer(out)
+            )
+        )
+    return pa.concat_arrays(parts) if parts else pa.array([], type=pa.string())
 
 
 PARQUET_SCHEMA = pa.schema(
@@ -918,9 +978,7 @@ PARQUET_SCHEMA = pa.schema(
         ),
         (
             "product",
-            pa.struct(
-                [("id", pa.string()), ("category", pa.string()), ("price", pa.float64())]
-            ),
+            pa.struct([("id", pa.string()), ("category", pa.string()), ("price", pa.float64())]),
         ),
         ("qty", pa.int32()),
         ("currency", pa.string()),
@@ -1042,11 +1100,14 @@ def _simulate_all(settings: GenerateConfig, world: _World, progress) -> tuple[di
     return events, users, anons
 
 
-def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray) -> dict:
-    """Choose distinct records for every fault kind (exact counts)."""
+def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray, days: int) -> dict:
+    """Choose distinct records for every fault kind (exact counts).
+
+    `day` is the UTC day of each (time-sorted) record counted from the first file day;
+    `days` is the number of file days.
+    """
     n = len(day)
     rng = np.random.default_rng([*_seed_words(settings.seed), 2])
-    days = settings.days
     want_malformed = math.floor(n * settings.malformed_share) if settings.format == "json" else 0
     want = {
         "late": math.floor(n * settings.late_share),
@@ -1062,7 +1123,8 @@ def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray) -> dic
             "the fault shares add up to more records than there are clean events "
             f"({sum(want.values()) + n_invalid} > {n}); lower them"
         )
-    perm = rng.permutation(n) if n else np.zeros(0, dtype=np.int64)
+    any_fault = sum(want.values()) + n_invalid > 0
+    perm = rng.permutation(n) if any_fault else np.zeros(0, dtype=np.int64)
     used = np.zeros(n, dtype=bool)
 
     def pick(count: int, eligible: np.ndarray | None = None) -> np.ndarray:
@@ -1104,6 +1166,7 @@ def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray) -> dic
         "dup_day": dup_day,
         "inv": inv,
         "malformed": malformed,
+        "requested": {**want, "invalid": n_invalid},
         "counts": {
             "malformed": len(malformed_ix),
             "duplicate": len(duplicate),
@@ -1184,8 +1247,11 @@ def generate(
         events[key] = events[key][order]
     del order
     n_clean = len(events["ts"])
-    day = ((events["ts"] - world.start_ms) // DAY_MS).astype(np.int32)
-    plan = _plan_faults(settings, events, day)
+    # files are per UTC calendar day (the range need not start at midnight)
+    first_day = world.start_ms // DAY_MS
+    n_days = (world.start_ms + settings.days * DAY_MS - 1) // DAY_MS - first_day + 1
+    day = (events["ts"] // DAY_MS - first_day).astype(np.int32)
+    plan = _plan_faults(settings, events, day, n_days)
     del day
 
     src = np.concatenate([np.arange(n_clean, dtype=np.int64), plan["duplicate"]])
@@ -1194,12 +1260,12 @@ def generate(
     src = src[row_order]
     file_day = file_day[row_order]
     del row_order
-    bounds = np.searchsorted(file_day, np.arange(settings.days + 1))
+    bounds = np.searchsorted(file_day, np.arange(n_days + 1))
 
     n_anon = len(anons["device"])
     tables = _Tables(world, settings.seed, settings.users, n_anon, users, anons)
     ext = "jsonl" if settings.format == "json" else "parquet"
-    start_date = datetime.fromtimestamp(world.start_ms / 1000, tz=timezone.utc).date()
+    start_date = datetime.fromtimestamp(first_day * DAY_MS / 1000, tz=timezone.utc).date()
 
     def write_day(d: int) -> dict | None:
         rows_all = src[bounds[d] : bounds[d + 1]]
@@ -1224,7 +1290,7 @@ def generate(
     # days are independent: render and write two at a time (numpy and pyarrow release the GIL)
     files = []
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-        for entry in pool.map(write_day, range(settings.days)):
+        for entry in pool.map(write_day, range(n_days)):
             if entry is None:
                 continue
             files.append(entry)
@@ -1233,6 +1299,7 @@ def generate(
 
     _write_users_csv(out / "users.csv", users, tables)
 
+    start_utc = settings.start.astimezone(timezone.utc)
     type_counts = np.bincount(events["type"].astype(np.int64), minlength=len(EVENT_TYPES))
     persona_counts = np.bincount(users["persona"].astype(np.int64), minlength=len(PERSONAS))
     counts = plan["counts"]
@@ -1244,18 +1311,19 @@ def generate(
         "users": settings.users,
         "anonymous_ids": n_anon,
         "shared_anonymous_ids": int((users["shared_anon"] >= 0).sum() // 2),
-        "personas": {name: int(c) for name, c in zip(PERSONA_NAMES, persona_counts)},
+        "personas": {name: int(c) for name, c in zip(PERSONA_NAMES, persona_counts, strict=True)},
         "clean_events": n_clean,
-        "events_per_type": {name: int(c) for name, c in zip(EVENT_TYPES, type_counts)},
+        "events_per_type": {name: int(c) for name, c in zip(EVENT_TYPES, type_counts, strict=True)},
         "faults": counts,
+        "faults_requested": plan["requested"],
         "valid_unique_events": n_clean - counts["malformed"] - counts["invalid_total"],
         "total_records": total_records,
         "files": files,
         "sale_windows": [
             {
                 "campaign": name,
-                "first_day": str(start_date + timedelta(days=first)),
-                "last_day": str(start_date + timedelta(days=last)),
+                "first_day": (start_utc + timedelta(days=first)).date().isoformat(),
+                "last_day": (start_utc + timedelta(days=last)).date().isoformat(),
                 "discount": round(1 - SALE_DISCOUNT, 2),
             }
             for name, first, last in world.sale_windows
@@ -1266,7 +1334,11 @@ def generate(
             "clean_events counts simulated events; malformed and invalid records replace "
             "clean ones, duplicates add exact copies, late records are clean but sit in a "
             "later day's file.",
+            "events_per_type counts the clean events (before any fault was injected).",
             "total_records = clean_events + faults.duplicate.",
+            "faults_requested = floor(share * clean_events); faults may be fewer when records "
+            "do not qualify (late records need an event day at least two days before the last "
+            "file day).",
         ]
         + (
             ["malformed records are not applicable to parquet output: 0 were injected."]

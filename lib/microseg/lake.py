@@ -47,9 +47,7 @@ def table_path(root: str, table: Table) -> str:
 def ensure_table(spark: SparkSession, root: str, table: Table) -> DeltaTable:
     """Create the table with its declared schema if it does not exist; return it."""
     builder = (
-        DeltaTable.createIfNotExists(spark)
-        .location(table_path(root, table))
-        .comment(table.comment)
+        DeltaTable.createIfNotExists(spark).location(table_path(root, table)).comment(table.comment)
     )
     for column in table.schema.fields:
         builder = builder.addColumn(

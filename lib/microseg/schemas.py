@@ -49,7 +49,10 @@ USER_KEY_FIELDS = ("user_id", "anonymous_id")
 _NOT_NULL = {"event_id", "event_time", "event_type"}
 
 EVENTS = T.StructType(
-    [_field(name, dtype, name not in _NOT_NULL, comment) for name, (dtype, comment) in EVENT_FIELDS.items()]
+    [
+        _field(name, dtype, name not in _NOT_NULL, comment)
+        for name, (dtype, comment) in EVENT_FIELDS.items()
+    ]
     + [
         _field("event_date", T.DateType(), False, "UTC date of event_time; partition column"),
         _field("source", STRING, False, "Source mapping name"),

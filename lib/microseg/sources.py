@@ -202,8 +202,10 @@ def _numbered(lines_df: DataFrame) -> DataFrame:
     blocks_df = lines_df.groupBy("source_file", "_block").agg(
         F.min("_row_id").alias("_first_row_id"), F.count(F.lit(1)).alias("_lines")
     )
-    earlier = Window.partitionBy("source_file").orderBy("_block").rowsBetween(
-        Window.unboundedPreceding, -1
+    earlier = (
+        Window.partitionBy("source_file")
+        .orderBy("_block")
+        .rowsBetween(Window.unboundedPreceding, -1)
     )
     blocks_df = blocks_df.withColumn("_offset", F.coalesce(F.sum("_lines").over(earlier), F.lit(0)))
     return lines_df.join(F.broadcast(blocks_df), ["source_file", "_block"], how="inner").select(
@@ -245,14 +247,12 @@ def _csv_records(lines_df: DataFrame, mapping: SourceMapping) -> DataFrame:
     unquoted = F.regexp_replace("raw", f"{q}(?:[^{q}]|{q}{q})*{q}", "")
     fields_found = F.size(F.split(unquoted, sep, -1))
     expected = len(csv.columns)
-    malformed = (
-        F.when(
-            F.instr(unquoted, csv.quote) > 0,
-            F.lit("unbalanced quotes"),
-        ).when(
-            fields_found != expected,
-            F.format_string(f"expected {expected} columns, found %d", fields_found),
-        )
+    malformed = F.when(
+        F.instr(unquoted, csv.quote) > 0,
+        F.lit("unbalanced quotes"),
+    ).when(
+        fields_found != expected,
+        F.format_string(f"expected {expected} columns, found %d", fields_found),
     )
     position = {name: i for i, name in enumerate(csv.columns)}
     df = lines_df.withColumn("_parsed", F.from_csv("raw", ddl, options))
@@ -353,6 +353,8 @@ def column_for(mapping: FieldMapping, index_of: dict[str, int]) -> Column:
     if mapping.column is not None:
         value = F.col(input_col(index_of[mapping.column]))
     else:
-        value = F.lit(str(mapping.value).lower() if isinstance(mapping.value, bool) else str(mapping.value))
+        value = F.lit(
+            str(mapping.value).lower() if isinstance(mapping.value, bool) else str(mapping.value)
+        )
     value = F.trim(value)
     return F.when(value != "", value)

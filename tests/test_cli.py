@@ -1,0 +1,157 @@
+"""The jobs as a person runs them: real processes, exit codes, crashes and re-runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from tests.conftest import DATA, ROOT, TEST_SETTINGS, make_config
+
+from microseg import lake
+from microseg.cli import main
+from microseg.ingest import run_ingest
+
+REES46 = str(DATA / "rees46-2019-oct-excerpt.csv")
+
+
+def cli(tmp_path, *args, env=None, module=True, timeout=600):
+    settings = [a for s in TEST_SETTINGS for a in ("--set", s)]
+    command = (
+        [sys.executable, "-m", "microseg"]
+        if module
+        else [os.path.join(os.path.dirname(sys.executable), "microseg")]
+    )
+    return subprocess.run(
+        [
+            *command,
+            *args,
+            "--conf",
+            "conf/local.yaml",
+            *settings,
+            "--set",
+            f"lake.root={tmp_path / 'lake'}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_module_and_console_script_list_commands():
+    for command in (
+        [sys.executable, "-m", "microseg", "--help"],
+        [os.path.join(os.path.dirname(sys.executable), "microseg"), "--help"],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0
+        assert "ingest" in result.stdout and "generate" in result.stdout
+
+
+def test_job_failure_exits_1_with_one_line(spark, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    status = main(
+        [
+            "ingest",
+            "--conf",
+            "conf/local.yaml",
+            *[a for s in TEST_SETTINGS for a in ("--set", s)],
+            "--set",
+            f"lake.root={tmp_path / 'lake'}",
+            "--source",
+            "rees46",
+            "--path",
+            str(bad),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1].startswith(
+        f"microseg ingest: failed: SourceFormatError: file:{bad}: header 'a,b' differs"
+    )
+
+
+def test_missing_input_exits_2(spark, tmp_path, capsys):
+    status = main(
+        [
+            "ingest",
+            "--conf",
+            "conf/local.yaml",
+            "--set",
+            f"lake.root={tmp_path / 'lake'}",
+            "--source",
+            "rees46",
+            "--path",
+            str(tmp_path / "none.csv"),
+        ]
+    )
+    assert status == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"microseg ingest: no input files at {tmp_path / 'none.csv'}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["ingest.after_quarantine", "ingest.after_events"])
+def test_crash_mid_run_then_rerun_completes(spark, tmp_path, crash_at):
+    crashed = cli(
+        tmp_path,
+        "ingest",
+        "--source",
+        "rees46",
+        "--path",
+        REES46,
+        env={"MICROSEG_FAILPOINTS": crash_at},
+    )
+    assert crashed.returncode == 137, crashed.stderr
+    cfg = make_config(tmp_path)
+    root = cfg.lake.root
+    assert lake.read_table(spark, root, lake.QUARANTINE).count() == 3
+    events_visible = (
+        lake.read_table(spark, root, lake.EVENTS).count()
+        if lake.table_exists(spark, root, lake.EVENTS)
+        else 0
+    )
+    assert events_visible == (0 if crash_at == "ingest.after_quarantine" else 3997)
+    assert not lake.table_exists(spark, root, lake.INGESTED_FILES)
+
+    report = run_ingest(spark, cfg, source="rees46", path=REES46)
+    assert report.records == 4000
+    assert lake.read_table(spark, root, lake.EVENTS).count() == 3997
+    assert lake.read_table(spark, root, lake.QUARANTINE).count() == 3
+    assert lake.read_table(spark, root, lake.INGESTED_FILES).count() == 1
+
+
+@pytest.mark.slow
+def test_spark_submit_runs_the_job(spark, tmp_path):
+    settings = [a for s in TEST_SETTINGS for a in ("--set", s)]
+    result = subprocess.run(
+        [
+            "./scripts/submit",
+            "--master",
+            "local[2]",
+            "ingest",
+            "--conf",
+            "conf/local.yaml",
+            *settings,
+            "--set",
+            f"lake.root={tmp_path / 'lake'}",
+            "--source",
+            "taobao",
+            "--path",
+            str(DATA / "taobao-userbehavior-excerpt.csv"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2,000" in result.stdout
+    cfg = make_config(tmp_path)
+    assert lake.read_table(spark, cfg.lake.root, lake.EVENTS).count() == 2000
