@@ -90,6 +90,29 @@ def _generate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(cfg: Config, args: argparse.Namespace) -> int:
+    from pyspark.sql import functions as F
+
+    from microseg import lake
+    from microseg.report import print_status
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-status")
+    tables = lake.summarize(spark, cfg.lake.root)
+    reasons = []
+    if lake.table_exists(spark, cfg.lake.root, lake.QUARANTINE):
+        reasons = [
+            (r.source, r.reason, r["count"])
+            for r in lake.read_table(spark, cfg.lake.root, lake.QUARANTINE)
+            .groupBy("source", "reason")
+            .count()
+            .orderBy("source", F.desc("count"))
+            .collect()
+        ]
+    print_status(cfg.lake.root, tables, reasons)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (

@@ -91,7 +91,23 @@ def insert_new(
     )
 
 
-def latest_version(spark: SparkSession, root: str, table: Table) -> int | None:
-    if not table_exists(spark, root, table):
-        return None
-    return DeltaTable.forPath(spark, table_path(root, table)).history(1).first()["version"]
+ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES)
+
+
+def summarize(spark: SparkSession, root: str) -> list[dict]:
+    """Per known table: name, rows, latest Delta version and operation (None if absent)."""
+    summary = []
+    for table in ALL_TABLES:
+        if not table_exists(spark, root, table):
+            summary.append({"table": table.name, "rows": None, "version": None, "operation": None})
+            continue
+        last = DeltaTable.forPath(spark, table_path(root, table)).history(1).first()
+        summary.append(
+            {
+                "table": table.name,
+                "rows": read_table(spark, root, table).count(),
+                "version": last["version"],
+                "operation": last["operation"],
+            }
+        )
+    return summary

@@ -46,3 +46,19 @@ def print_generate_manifest(settings, manifest: dict) -> None:
         if isinstance(value, int | float):
             table.add_row(str(key), f"{value:,}")
     console.print(table)
+
+
+def print_status(root: str, tables: list[dict], reasons: list[tuple[str, str, int]]) -> None:
+    console.print(f"[bold]lake[/bold] {root}")
+    table = Table("table", "rows", "version", "last operation")
+    for t in tables:
+        if t["rows"] is None:
+            table.add_row(t["table"], "-", "-", "not created yet")
+        else:
+            table.add_row(t["table"], f"{t['rows']:,}", str(t["version"]), t["operation"])
+    console.print(table)
+    if reasons:
+        by_reason = Table("source", "quarantine reason", "records")
+        for source, reason, count in reasons:
+            by_reason.add_row(source, reason, f"{count:,}")
+        console.print(by_reason)

@@ -80,15 +80,15 @@ QUARANTINE = T.StructType(
 
 INGESTED_FILES = T.StructType(
     [
-        _field("source", STRING, False),
-        _field("file_path", STRING, False),
-        _field("file_size", T.LongType(), False),
-        _field("file_modified_at", TIMESTAMP, False),
+        _field("source", STRING, False, "Source mapping name"),
+        _field("file_path", STRING, False, "The file, fully qualified"),
+        _field("file_size", T.LongType(), False, "Its size in bytes when ingested"),
+        _field("file_modified_at", TIMESTAMP, False, "Its modification time when ingested"),
         _field("records", T.LongType(), False, "Records read from the file"),
-        _field("events_added", T.LongType(), False),
+        _field("events_added", T.LongType(), False, "New events this run added to bronze"),
         _field("already_present", T.LongType(), False, "Events already in bronze from this file"),
         _field("quarantined", T.LongType(), False, "Records in quarantine from this file"),
-        _field("ingested_at", TIMESTAMP, False),
-        _field("ingest_run_id", STRING, False),
+        _field("ingested_at", TIMESTAMP, False, "Start of the ingest run"),
+        _field("ingest_run_id", STRING, False, "Id of the ingest run"),
     ]
 )

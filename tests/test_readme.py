@@ -1,0 +1,37 @@
+"""The README is the user's manual: it must name every table column, reason and command."""
+
+from __future__ import annotations
+
+import re
+
+from microseg.cli import COMMANDS
+from microseg.ingest import REASONS
+from microseg.lake import ALL_TABLES
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_table_column_is_documented():
+    for table in ALL_TABLES:
+        assert f"`{table.name}`" in README
+        for column in table.schema.fields:
+            assert re.search(
+                rf"\| `{column.name}` \| {re.escape(column.dataType.simpleString())} \|", README
+            ), f"{table.name}.{column.name} is missing from README"
+
+
+def test_every_quarantine_reason_is_documented():
+    for reason in REASONS:
+        assert f"| `{reason}` |" in README
+
+
+def test_every_command_is_documented():
+    for name in COMMANDS:
+        assert f"microseg {name}" in README
+
+
+def test_quick_start_is_the_two_commands():
+    quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = re.findall(r"^\./scripts/\w+", quick, flags=re.M)
+    assert commands == ["./scripts/demo", "./scripts/test"]
