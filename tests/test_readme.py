@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
+from tests.conftest import ROOT
+
 from microseg.cli import COMMANDS
 from microseg.ingest import REASONS
 from microseg.lake import ALL_TABLES
-from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -254,14 +254,13 @@ def to_canonical(
     ).select("*", first_failing(1).alias("reason"), first_failing(2).alias("message"))
 
     personal = {name for name, m in mapping.fields.items() if m.personal}
-    if personal or any(m.personal for m in mapping.properties.values()):
-        if key is None:
-            raise ConfigError(
-                f"source '{mapping.name}' marks {mapping.personal_fields()} as personal data but "
-                "no pseudonymization key is set: export MICROSEG_PSEUDONYMIZATION_KEY (or the "
-                "variable named by privacy.pseudonymization_key_env) or set "
-                "privacy.pseudonymization_key"
-            )
+    if mapping.personal_fields() and key is None:
+        raise ConfigError(
+            f"source '{mapping.name}' marks {mapping.personal_fields()} as personal data but "
+            "no pseudonymization key is set: export MICROSEG_PSEUDONYMIZATION_KEY (or the "
+            "variable named by privacy.pseudonymization_key_env) or set "
+            "privacy.pseudonymization_key"
+        )
 
     def final(name: str) -> Column:
         dtype = EVENT_FIELDS[name][0]

@@ -73,7 +73,8 @@ class SourceMapping(Strict):
         unknown = sorted(set(self.fields) - set(MAPPABLE_FIELDS))
         if unknown:
             raise ValueError(
-                f"unknown canonical field(s) {unknown} under `fields` (known: {list(MAPPABLE_FIELDS)})"
+                f"unknown canonical field(s) {unknown} under `fields` "
+                f"(known: {list(MAPPABLE_FIELDS)})"
             )
         missing = [f for f in REQUIRED_FIELDS if f not in self.fields]
         if missing:
