@@ -61,7 +61,8 @@ __all__ = [
 
 GENERATOR_VERSION = 1
 USERS_PER_CHUNK = 20_000  # part of the determinism contract: changing it changes the output
-RENDER_ROWS = 500_000  # rows rendered at once (one Parquet row group)
+JSON_RENDER_ROWS = 200_000  # lines rendered at once (bounds the memory of a day)
+PARQUET_ROW_GROUP = 500_000  # rows rendered at once, one row group each
 WRITER_THREADS = 2
 DAY_MS = 86_400_000
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -1100,6 +1101,17 @@ def _simulate_all(settings: GenerateConfig, world: _World, progress) -> tuple[di
     return events, users, anons
 
 
+def _check_shares(settings: GenerateConfig) -> None:
+    shares = [settings.duplicate_share, settings.late_share, settings.invalid_share]
+    if settings.format == "json":
+        shares.append(settings.malformed_share)
+    if sum(shares) > 1:
+        raise ValueError(
+            f"the fault shares add up to {sum(shares):g} of the clean events, but every fault "
+            "needs a record of its own: keep their sum at most 1"
+        )
+
+
 def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray, days: int) -> dict:
     """Choose distinct records for every fault kind (exact counts).
 
@@ -1118,11 +1130,7 @@ def _plan_faults(settings: GenerateConfig, events: dict, day: np.ndarray, days: 
     per_kind = [n_invalid // len(INVALID_KINDS)] * len(INVALID_KINDS)
     for k in range(n_invalid % len(INVALID_KINDS)):
         per_kind[k] += 1
-    if sum(want.values()) + n_invalid > n:
-        raise ValueError(
-            "the fault shares add up to more records than there are clean events "
-            f"({sum(want.values()) + n_invalid} > {n}); lower them"
-        )
+    assert sum(want.values()) + n_invalid <= n  # guaranteed by _check_shares
     any_fault = sum(want.values()) + n_invalid > 0
     perm = rng.permutation(n) if any_fault else np.zeros(0, dtype=np.int64)
     used = np.zeros(n, dtype=bool)
@@ -1233,6 +1241,7 @@ def generate(
     event day (valid data; only records at least two days before the end can be late), and
     `invalid` records replace clean ones with one of INVALID_KINDS.
     """
+    _check_shares(settings)
     out = Path(output if output is not None else settings.output)
     events_dir = out / "events"
     events_dir.mkdir(parents=True, exist_ok=True)
@@ -1275,14 +1284,14 @@ def generate(
         path = events_dir / name
         if settings.format == "json":
             with open(path, "wb") as fh:
-                for lo in range(0, len(rows_all), RENDER_ROWS):
-                    rows = rows_all[lo : lo + RENDER_ROWS]
+                for lo in range(0, len(rows_all), JSON_RENDER_ROWS):
+                    rows = rows_all[lo : lo + JSON_RENDER_ROWS]
                     g = _prepared(rows, events, plan["inv"], world)
                     fh.write(_string_bytes(_render_json(rows, g, tables, plan["malformed"])))
         else:
             with pq.ParquetWriter(path, PARQUET_SCHEMA, compression="zstd") as writer:
-                for lo in range(0, len(rows_all), RENDER_ROWS):
-                    rows = rows_all[lo : lo + RENDER_ROWS]
+                for lo in range(0, len(rows_all), PARQUET_ROW_GROUP):
+                    rows = rows_all[lo : lo + PARQUET_ROW_GROUP]
                     g = _prepared(rows, events, plan["inv"], world)
                     writer.write_table(_render_parquet(rows, g, tables), len(rows))
         return {"path": f"events/{name}", "records": int(len(rows_all))}

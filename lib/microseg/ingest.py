@@ -493,7 +493,12 @@ def run_ingest(
         if lake.table_exists(spark, root, lake.EVENTS)
         else None
     )
-    classified_df = classify(checked_df, existing_df).persist(StorageLevel.MEMORY_AND_DISK)
+    classified_df = (
+        classify(checked_df, existing_df)
+        # the raw text is kept for quarantined records only: a smaller cache
+        .withColumn("raw", F.when(F.col("outcome") == "quarantined", F.col("raw")))
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
     try:
         with timed("validate and classify"):
             counts = classified_df.groupBy("source_file", "outcome", "reason").count().collect()
