@@ -46,7 +46,9 @@ def main() -> None:
         generate(settings, data)
     generate_s = time.monotonic() - started
     manifest = json.loads((data / "manifest.json").read_text())
-    records = manifest["counts"]["total_records"] if "counts" in manifest else manifest["total_records"]
+    records = (
+        manifest["counts"]["total_records"] if "counts" in manifest else manifest["total_records"]
+    )
 
     shutil.rmtree(lake_root, ignore_errors=True)
     cfg = load_config(
@@ -58,7 +60,11 @@ def main() -> None:
     for phase, reprocess in (("first ingest", False), ("re-ingest (all present)", True)):
         t0 = time.monotonic()
         report = run_ingest(
-            spark, cfg, source="synthetic", path=str(data / "events"), fmt=args.format,
+            spark,
+            cfg,
+            source="synthetic",
+            path=str(data / "events"),
+            fmt=args.format,
             reprocess=reprocess,
         )
         seconds = time.monotonic() - t0
@@ -70,10 +76,15 @@ def main() -> None:
             "quarantined": report.quarantined,
             "records_per_second": round(report.records / seconds),
         }
-        print(f"{phase}: {report.records:,} records in {seconds:.1f} s = "
-              f"{report.records / seconds:,.0f} records/s")
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "generate_seconds_if_generated_now": round(generate_s, 1)}
+        print(
+            f"{phase}: {report.records:,} records in {seconds:.1f} s = "
+            f"{report.records / seconds:,.0f} records/s"
+        )
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "generate_seconds_if_generated_now": round(generate_s, 1),
+    }
     out = ROOT / "bench" / "results" / f"ingest-{args.format}-{args.events}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

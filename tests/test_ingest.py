@@ -520,11 +520,18 @@ def test_no_record_lost_on_generated_data_with_faults(spark, cfg, tmp_path, key_
     from microseg.generate import generate
 
     settings = GenerateConfig(
-        users=120, days=30, output=str(tmp_path / "gen"), malformed_share=0.01,
-        duplicate_share=0.01, late_share=0.02, invalid_share=0.02,
+        users=120,
+        days=30,
+        output=str(tmp_path / "gen"),
+        malformed_share=0.01,
+        duplicate_share=0.01,
+        late_share=0.02,
+        invalid_share=0.02,
     )
     manifest = generate(settings)
-    report = run_ingest(spark, cfg, source="synthetic", path=str(tmp_path / "gen" / "events"), now=NOW)
+    report = run_ingest(
+        spark, cfg, source="synthetic", path=str(tmp_path / "gen" / "events"), now=NOW
+    )
 
     total = manifest["total_records"]
     in_bronze, in_quarantine = events(spark, cfg).count(), quarantine(spark, cfg).count()
@@ -542,7 +549,13 @@ def test_no_record_lost_on_generated_data_with_faults(spark, cfg, tmp_path, key_
     }
     assert by_reason == {k: v for k, v in expected.items() if v}
     # late records are valid events that arrive in a later day's file: all in bronze
-    late = events(spark, cfg).filter(F.col("event_date") < F.to_date(F.regexp_extract(
-        "source_file", r"events-(\d{4}-\d{2}-\d{2})", 1))).count()
+    late = (
+        events(spark, cfg)
+        .filter(
+            F.col("event_date")
+            < F.to_date(F.regexp_extract("source_file", r"events-(\d{4}-\d{2}-\d{2})", 1))
+        )
+        .count()
+    )
     assert late == faults["late"]
     assert faults["late"] > 0 and faults["duplicate"] > 0 and faults["malformed"] > 0

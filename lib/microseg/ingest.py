@@ -311,7 +311,9 @@ def classify(checked_df: DataFrame, existing_df: DataFrame | None) -> DataFrame:
     existing_df holds bronze's event_id, source_file, source_line.
     """
     valid = F.col("reason").isNull()
-    same_id = Window.partitionBy("event_id", valid).orderBy("source_file", "source_line")
+    # Valid records first, so a valid record's rank counts valid ones only. Partitioning by
+    # event_id alone lets the join below reuse this shuffle.
+    same_id = Window.partitionBy("event_id").orderBy(valid.desc(), "source_file", "source_line")
     ranked_df = checked_df.select(
         "*",
         F.row_number().over(same_id).alias("_rank"),
