@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from microseg import schemas
@@ -40,7 +42,28 @@ INGESTED_FILES = Table(
 )
 
 
+IDENTITY_MAP = Table(
+    "silver/identity_map",
+    schemas.IDENTITY_MAP,
+    comment="Anonymous ids stitched to a user key.",
+)
+SESSIONS = Table(
+    "silver/sessions",
+    schemas.SESSIONS,
+    partition_by=("session_date",),
+    comment="One row per session; session_id deterministic.",
+)
+WATERMARKS = Table(
+    "ops/watermarks",
+    schemas.WATERMARKS,
+    comment="Per incremental job, the latest ingested_at it has processed.",
+)
+
+
 def table_path(root: str, table: Table) -> str:
+    """Where the table lives; a relative local root is taken from the current directory."""
+    if "://" not in root and not root.startswith(("file:", "/")):
+        root = os.path.abspath(root)
     return f"{root.rstrip('/')}/{table.name}"
 
 
@@ -91,7 +114,34 @@ def insert_new(
     )
 
 
-ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES)
+ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES, IDENTITY_MAP, SESSIONS, WATERMARKS)
+
+
+def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> None:
+    """Replace the table's contents in one atomic commit (schema and partitioning kept)."""
+    ensure_table(spark, root, table)
+    conform(rows, table).write.format("delta").mode("overwrite").save(table_path(root, table))
+
+
+def read_watermark(spark: SparkSession, root: str, job: str):
+    if not table_exists(spark, root, WATERMARKS):
+        return None
+    row = read_table(spark, root, WATERMARKS).filter(F.col("job") == job).first()
+    return None if row is None else row.watermark
+
+
+def write_watermark(spark: SparkSession, root: str, job: str, watermark, run_id: str) -> None:
+    target = ensure_table(spark, root, WATERMARKS)
+    row_df = spark.createDataFrame(
+        [(job, watermark, run_id)], "job string, watermark timestamp, run_id string"
+    ).withColumn("updated_at", F.current_timestamp())
+    (
+        target.alias("t")
+        .merge(conform(row_df, WATERMARKS).alias("s"), "t.job = s.job")
+        .whenMatchedUpdateAll()
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
 
 
 def summarize(spark: SparkSession, root: str) -> list[dict]:

@@ -92,3 +92,70 @@ INGESTED_FILES = T.StructType(
         _field("ingest_run_id", STRING, False, "Id of the ingest run"),
     ]
 )
+
+INT = T.IntegerType()
+LONG = T.LongType()
+DOUBLE = T.DoubleType()
+BOOLEAN = T.BooleanType()
+
+IDENTITY_MAP = T.StructType(
+    [
+        _field("anonymous_id", STRING, False, "Anonymous (cookie / device) id"),
+        _field("user_key", STRING, False, "The user id it is stitched to"),
+        _field("user_ids_seen", LONG, False, "Distinct user ids seen with it"),
+        _field("is_conflict", BOOLEAN, False, "Seen with more than one user id"),
+        _field("first_seen", TIMESTAMP, False, "First event with it and a user id"),
+        _field("last_seen", TIMESTAMP, False, "Last event with it and a user id"),
+        _field("updated_at", TIMESTAMP, False, "Start of the run that last changed the row"),
+    ]
+)
+
+SESSIONS = T.StructType(
+    [
+        _field("session_id", STRING, False, "sha256(user_key, first event_id), 32 hex digits"),
+        _field("user_key", STRING, False, "user_id, stitched user id, or anon:<anonymous_id>"),
+        _field("session_start", TIMESTAMP, False, "First event time (UTC)"),
+        _field("session_end", TIMESTAMP, False, "Last event time (UTC)"),
+        _field("duration_seconds", DOUBLE, False, "session_end - session_start"),
+        _field("events", INT, False, "Events in the session"),
+        _field("page_views", INT, False, "page_view events"),
+        _field("product_views", INT, False, "product_view events"),
+        _field("searches", INT, False, "search events"),
+        _field("cart_adds", INT, False, "add_to_cart events"),
+        _field("cart_removes", INT, False, "remove_from_cart events"),
+        _field("wishlist_adds", INT, False, "add_to_wishlist events"),
+        _field("checkouts", INT, False, "checkout_started events"),
+        _field("purchase_events", INT, False, "purchase events"),
+        _field("distinct_products", INT, False, "Distinct product ids"),
+        _field("distinct_categories", INT, False, "Distinct categories"),
+        _field("landing_page", STRING, True, "First page_url"),
+        _field("exit_page", STRING, True, "Last page_url"),
+        _field("landing_product", STRING, True, "First product_id"),
+        _field("exit_product", STRING, True, "Last product_id"),
+        _field("has_cart_add", BOOLEAN, False, "At least one add_to_cart"),
+        _field("has_checkout", BOOLEAN, False, "At least one checkout_started"),
+        _field("has_purchase", BOOLEAN, False, "At least one purchase"),
+        _field("is_cart_abandoned", BOOLEAN, False, "Cart add(s) but no purchase"),
+        _field("revenue", DOUBLE, False, "Sum of price x quantity (1 if missing) of purchases"),
+        _field("items", INT, False, "Units purchased"),
+        _field("device", STRING, True, "Device of the first event that has one"),
+        _field("country", STRING, True, "Country of the first event that has one"),
+        _field("utm_source", STRING, True, "Campaign of the first event"),
+        _field("utm_medium", STRING, True, "Campaign medium of the first event"),
+        _field("utm_campaign", STRING, True, "Campaign name of the first event"),
+        _field("is_bounce", BOOLEAN, False, "Exactly one event"),
+        _field("visit_part", INT, False, "0, or n for the n-th cut of a visit longer than the maximum session length"),
+        _field("visit_start", TIMESTAMP, False, "Start of the visit (inactivity-gap session) it belongs to"),
+        _field("first_event_id", STRING, False, "event_id of the first event"),
+        _field("session_date", T.DateType(), False, "UTC date of session_start; partition column"),
+    ]
+)
+
+WATERMARKS = T.StructType(
+    [
+        _field("job", STRING, False, "Job name"),
+        _field("watermark", TIMESTAMP, False, "Latest ingested_at the job has processed"),
+        _field("run_id", STRING, False, "Run that set it"),
+        _field("updated_at", TIMESTAMP, False, "When"),
+    ]
+)

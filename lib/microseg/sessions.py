@@ -1,0 +1,184 @@
+"""Identity stitching and sessionization (silver/identity_map, silver/sessions).
+
+User key: an event's own user_id; else the user its anonymous_id is stitched to; else
+`anon:<anonymous_id>`. Stitching rule: an anonymous id seen together with exactly one user id
+maps to it; seen with several (a shared device), it maps to the user id it was seen with
+first (earliest event_time, then the smallest user id), and the anonymous id is counted as a
+conflict. The mapping is applied retroactively: earlier anonymous-only events move to the user.
+
+Sessions: per user key, events ordered by (event_time, event_id). A gap strictly longer than
+the inactivity timeout starts a new visit; a gap exactly equal to it does not. A visit longer
+than the maximum session length is cut into consecutive sessions of that length, measured
+from the visit's first event. session_id = first 32 hex digits of
+sha256(user_key || 0x1f || first event_id).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+ANON_PREFIX = "anon:"
+
+
+# --------------------------------------------------------------------------------------
+# identity stitching
+
+
+def identity_map(events_df: DataFrame) -> DataFrame:
+    """One row per anonymous id seen with a user id: anonymous_id, user_key, user_ids_seen,
+    is_conflict, first_seen, last_seen (of the anonymous id with any user id)."""
+    pairs_df = (
+        events_df.filter(F.col("anonymous_id").isNotNull() & F.col("user_id").isNotNull())
+        .groupBy("anonymous_id", "user_id")
+        .agg(F.min("event_time").alias("pair_first"), F.max("event_time").alias("pair_last"))
+    )
+    return pairs_df.groupBy("anonymous_id").agg(
+        F.min_by("user_id", F.struct("pair_first", "user_id")).alias("user_key"),
+        F.count(F.lit(1)).alias("user_ids_seen"),
+        (F.count(F.lit(1)) > 1).alias("is_conflict"),
+        F.min("pair_first").alias("first_seen"),
+        F.max("pair_last").alias("last_seen"),
+    )
+
+
+def with_user_key(events_df: DataFrame, identity_df: DataFrame) -> DataFrame:
+    """events_df plus `user_key` (see the module docstring); events with no id get none."""
+    mapping_df = identity_df.select(
+        F.col("anonymous_id").alias("_map_anonymous_id"), F.col("user_key").alias("_mapped_key")
+    )
+    joined_df = events_df.join(
+        mapping_df,
+        (events_df.user_id.isNull()) & (events_df.anonymous_id == mapping_df._map_anonymous_id),
+        how="left",
+    )
+    return joined_df.select(
+        *events_df.columns,
+        user_key_of(F.col("user_id"), F.col("anonymous_id"), F.col("_mapped_key")).alias(
+            "user_key"
+        ),
+    )
+
+
+def user_key_of(user_id: Column, anonymous_id: Column, mapped_key: Column) -> Column:
+    return F.coalesce(user_id, mapped_key, F.concat(F.lit(ANON_PREFIX), anonymous_id))
+
+
+# --------------------------------------------------------------------------------------
+# sessionization
+
+
+def _first(value: Column, order: Column) -> Column:
+    """Value of the earliest event (by `order`) among those where value is not null."""
+    return F.min_by(value, F.when(value.isNotNull(), order))
+
+
+def _last(value: Column, order: Column) -> Column:
+    return F.max_by(value, F.when(value.isNotNull(), order))
+
+
+def _count_type(*types: str) -> Column:
+    return F.count(F.when(F.col("event_type").isin(*types), F.lit(1))).cast("int")
+
+
+def sessionize(
+    keyed_events_df: DataFrame, *, inactivity_timeout: timedelta, max_session_length: timedelta
+) -> DataFrame:
+    """Sessions of events carrying `user_key`, one row per session (see SESSION columns).
+
+    Events must be unique by event_id (bronze/events is). Times are UTC.
+    """
+    timeout_s = inactivity_timeout.total_seconds()
+    max_len_s = max_session_length.total_seconds()
+    by_user = Window.partitionBy("user_key").orderBy("event_time", "event_id")
+    seconds = F.unix_micros("event_time") / 1e6
+    prev_seconds = F.lag(seconds).over(by_user)
+    flagged_df = keyed_events_df.filter(F.col("user_key").isNotNull()).withColumn(
+        "_new_visit",
+        F.when(prev_seconds.isNull() | (seconds - prev_seconds > timeout_s), 1).otherwise(0),
+    )
+    visit_df = flagged_df.withColumn(
+        "_visit", F.sum("_new_visit").over(by_user.rowsBetween(Window.unboundedPreceding, 0))
+    )
+    by_visit = Window.partitionBy("user_key", "_visit")
+    piece_df = visit_df.withColumn("visit_start", F.min("event_time").over(by_visit)).withColumn(
+        "_piece",
+        F.floor((seconds - F.unix_micros("visit_start") / 1e6) / max_len_s).cast("int"),
+    )
+    order = F.struct("event_time", "event_id")
+    revenue = F.when(
+        F.col("event_type") == "purchase", F.col("price") * F.coalesce(F.col("quantity"), F.lit(1))
+    )
+    items = F.when(F.col("event_type") == "purchase", F.coalesce(F.col("quantity"), F.lit(1)))
+    sessions_df = piece_df.groupBy("user_key", "_visit", "_piece").agg(
+        F.min_by("event_id", order).alias("first_event_id"),
+        F.min("event_time").alias("session_start"),
+        F.max("event_time").alias("session_end"),
+        F.first("visit_start").alias("visit_start"),
+        F.count(F.lit(1)).cast("int").alias("events"),
+        _count_type("page_view").alias("page_views"),
+        _count_type("product_view").alias("product_views"),
+        _count_type("search").alias("searches"),
+        _count_type("add_to_cart").alias("cart_adds"),
+        _count_type("remove_from_cart").alias("cart_removes"),
+        _count_type("add_to_wishlist").alias("wishlist_adds"),
+        _count_type("checkout_started").alias("checkouts"),
+        _count_type("purchase").alias("purchase_events"),
+        F.count_distinct("product_id").cast("int").alias("distinct_products"),
+        F.count_distinct("category").cast("int").alias("distinct_categories"),
+        _first(F.col("page_url"), order).alias("landing_page"),
+        _last(F.col("page_url"), order).alias("exit_page"),
+        _first(F.col("product_id"), order).alias("landing_product"),
+        _last(F.col("product_id"), order).alias("exit_product"),
+        F.coalesce(F.sum(revenue), F.lit(0.0)).alias("revenue"),
+        F.coalesce(F.sum(items), F.lit(0)).cast("int").alias("items"),
+        _first(F.col("device"), order).alias("device"),
+        _first(F.col("country"), order).alias("country"),
+        F.min_by("utm_source", order).alias("utm_source"),
+        F.min_by("utm_medium", order).alias("utm_medium"),
+        F.min_by("utm_campaign", order).alias("utm_campaign"),
+    )
+    return sessions_df.select(
+        F.substring(
+            F.sha2(F.concat_ws("\u001f", "user_key", "first_event_id"), 256), 1, 32
+        ).alias("session_id"),
+        "user_key",
+        "session_start",
+        "session_end",
+        ((F.unix_micros("session_end") - F.unix_micros("session_start")) / 1e6).alias(
+            "duration_seconds"
+        ),
+        "events",
+        "page_views",
+        "product_views",
+        "searches",
+        "cart_adds",
+        "cart_removes",
+        "wishlist_adds",
+        "checkouts",
+        "purchase_events",
+        "distinct_products",
+        "distinct_categories",
+        "landing_page",
+        "exit_page",
+        "landing_product",
+        "exit_product",
+        (F.col("cart_adds") > 0).alias("has_cart_add"),
+        (F.col("checkouts") > 0).alias("has_checkout"),
+        (F.col("purchase_events") > 0).alias("has_purchase"),
+        ((F.col("cart_adds") > 0) & (F.col("purchase_events") == 0)).alias("is_cart_abandoned"),
+        "revenue",
+        "items",
+        "device",
+        "country",
+        "utm_source",
+        "utm_medium",
+        "utm_campaign",
+        (F.col("events") == 1).alias("is_bounce"),
+        F.col("_piece").alias("visit_part"),
+        "visit_start",
+        "first_event_id",
+        F.to_date("session_start").alias("session_date"),
+    )
