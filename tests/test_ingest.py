@@ -564,6 +564,8 @@ def test_no_record_lost_on_generated_data_with_faults(spark, cfg, tmp_path, key_
 def test_relative_lake_root_is_under_the_current_directory(spark, tmp_path, monkeypatch):
     cfg = make_config(tmp_path, "lake.root=rel-lake")
     monkeypatch.chdir(tmp_path)
-    run_ingest(spark, cfg, source="taobao", path=str(DATA / "taobao-userbehavior-excerpt.csv"), now=NOW)
+    run_ingest(
+        spark, cfg, source="taobao", path=str(DATA / "taobao-userbehavior-excerpt.csv"), now=NOW
+    )
     assert (tmp_path / "rel-lake" / "bronze" / "events" / "_delta_log").is_dir()
     assert (tmp_path / "rel-lake" / "bronze" / "quarantine" / "_delta_log").is_dir()

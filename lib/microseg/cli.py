@@ -90,6 +90,22 @@ def _generate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _sessionize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--full", action="store_true", help="rebuild all sessions instead of the incremental run"
+    )
+
+
+def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.report import print_sessionize_report
+    from microseg.sessions import run_sessionize
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-sessionize")
+    print_sessionize_report(run_sessionize(spark, cfg, full=args.full))
+    return 0
+
+
 def _status(cfg: Config, args: argparse.Namespace) -> int:
     from pyspark.sql import functions as F
 

@@ -107,6 +107,21 @@ class IngestConfig(Strict):
     )
 
 
+class SessionsConfig(Strict):
+    inactivity_timeout: Duration = Field(
+        timedelta(minutes=30),
+        description="A gap strictly longer than this starts a new session; an equal gap does not.",
+    )
+    max_session_length: Duration = Field(
+        timedelta(hours=6), description="Longer visits are cut into pieces of this length."
+    )
+    lookback: Duration = Field(
+        timedelta(hours=1),
+        description="Incremental runs also re-read events ingested this long before the "
+        "watermark (covers ingest runs that committed after a sessionize run started).",
+    )
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -139,6 +154,7 @@ class Config(Strict):
     spark: SparkConfig = SparkConfig()
     lake: LakeConfig = LakeConfig()
     ingest: IngestConfig = IngestConfig()
+    sessions: SessionsConfig = SessionsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -62,3 +62,29 @@ def print_status(root: str, tables: list[dict], reasons: list[tuple[str, str, in
         for source, reason, count in reasons:
             by_reason.add_row(source, reason, f"{count:,}")
         console.print(by_reason)
+
+
+def print_sessionize_report(report) -> None:
+    console.print(f"[bold]sessionize[/bold] run={report.run_id} mode={report.mode}")
+    if report.mode == "nothing new":
+        console.print(f"no events ingested since {report.watermark}")
+        return
+    table = Table(
+        "new events",
+        "user keys rebuilt",
+        "sessions written",
+        "sessions removed",
+        "visits cut at max length",
+        "identity conflicts",
+        "identities changed",
+    )
+    table.add_row(
+        f"{report.new_events:,}",
+        f"{report.users_touched:,}",
+        f"{report.sessions_written:,}",
+        f"{report.sessions_removed:,}",
+        f"{report.split_visits:,}",
+        f"{report.identity_conflicts:,}",
+        f"{report.identities_changed:,}",
+    )
+    console.print(table)

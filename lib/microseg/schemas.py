@@ -144,8 +144,18 @@ SESSIONS = T.StructType(
         _field("utm_medium", STRING, True, "Campaign medium of the first event"),
         _field("utm_campaign", STRING, True, "Campaign name of the first event"),
         _field("is_bounce", BOOLEAN, False, "Exactly one event"),
-        _field("visit_part", INT, False, "0, or n for the n-th cut of a visit longer than the maximum session length"),
-        _field("visit_start", TIMESTAMP, False, "Start of the visit (inactivity-gap session) it belongs to"),
+        _field(
+            "visit_part",
+            INT,
+            False,
+            "0, or n for the n-th cut of a visit longer than the maximum session length",
+        ),
+        _field(
+            "visit_start",
+            TIMESTAMP,
+            False,
+            "Start of the visit (inactivity-gap session) it belongs to",
+        ),
         _field("first_event_id", STRING, False, "event_id of the first event"),
         _field("session_date", T.DateType(), False, "UTC date of session_start; partition column"),
     ]

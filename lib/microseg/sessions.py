@@ -15,10 +15,15 @@ sha256(user_key || 0x1f || first event_id).
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+
+from microseg import lake
+from microseg.config import Config
 
 ANON_PREFIX = "anon:"
 
@@ -141,9 +146,9 @@ def sessionize(
         F.min_by("utm_campaign", order).alias("utm_campaign"),
     )
     return sessions_df.select(
-        F.substring(
-            F.sha2(F.concat_ws("\u001f", "user_key", "first_event_id"), 256), 1, 32
-        ).alias("session_id"),
+        F.substring(F.sha2(F.concat_ws("\u001f", "user_key", "first_event_id"), 256), 1, 32).alias(
+            "session_id"
+        ),
         "user_key",
         "session_start",
         "session_end",
@@ -182,3 +187,179 @@ def sessionize(
         "first_event_id",
         F.to_date("session_start").alias("session_date"),
     )
+
+
+# --------------------------------------------------------------------------------------
+# the incremental job
+
+
+@dataclass
+class SessionizeReport:
+    run_id: str
+    mode: str  # "full", "incremental" or "nothing new"
+    new_events: int = 0
+    users_touched: int = 0
+    sessions_written: int = 0
+    sessions_removed: int = 0
+    split_visits: int = 0
+    identity_conflicts: int = 0
+    identities_changed: int = 0
+    watermark: datetime | None = None
+
+
+_BEGINNING = datetime(1900, 1, 1)
+
+
+def affected_ranges(
+    touched_df: DataFrame, existing_df: DataFrame, *, inactivity_timeout: timedelta
+) -> DataFrame:
+    """Per touched user key (user_key, t_min), the time `recompute_from` from which its
+    sessions must be rebuilt: the start of the visit of its earliest existing session that
+    ends at or after t_min - timeout (such a session can merge with an event at t_min), else
+    t_min. Sessions that start earlier are separated from every new event by more than the
+    timeout and stay as they are."""
+    reach = F.col("t_min") - F.expr(f"INTERVAL {int(inactivity_timeout.total_seconds())} SECONDS")
+    candidates_df = touched_df.join(
+        existing_df.select("user_key", "visit_start", "session_end"), on="user_key", how="left"
+    )
+    return candidates_df.groupBy("user_key").agg(
+        F.least(
+            F.min("t_min"), F.min(F.when(F.col("session_end") >= reach, F.col("visit_start")))
+        ).alias("recompute_from")
+    )
+
+
+def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> SessionizeReport:
+    """Bring silver/identity_map and silver/sessions up to date with bronze/events.
+
+    Reads the events ingested since the last run (ingested_at after the stored watermark minus
+    `sessions.lookback`), rebuilds the sessions of the user keys they touch from the point
+    they can reach (see affected_ranges), and replaces those sessions with one MERGE. The
+    first run, or `full`, rebuilds everything.
+    """
+    root = cfg.lake.root
+    conf = cfg.sessions
+    report = SessionizeReport(run_id=uuid.uuid4().hex, mode="incremental")
+    if not lake.table_exists(spark, root, lake.EVENTS):
+        raise FileNotFoundError(f"no bronze/events table under {root}: run `microseg ingest` first")
+    events_df = lake.read_table(spark, root, lake.EVENTS)
+    watermark = None if full else lake.read_watermark(spark, root, JOB)
+    if not lake.table_exists(spark, root, lake.SESSIONS):
+        watermark = None
+    latest = events_df.agg(F.max("ingested_at")).first()[0]
+    if latest is None or (watermark is not None and latest <= watermark):
+        report.mode = "nothing new"
+        report.watermark = watermark
+        return report
+    report.watermark = latest
+
+    identity_df = identity_map(events_df).persist()
+    previous_df = (
+        lake.read_table(spark, root, lake.IDENTITY_MAP).select("anonymous_id", "user_key")
+        if lake.table_exists(spark, root, lake.IDENTITY_MAP)
+        else None
+    )
+    report.identity_conflicts = identity_df.filter("is_conflict").count()
+    try:
+        if watermark is None:
+            report.mode = "full"
+            sessions_df = sessionize(
+                with_user_key(events_df, identity_df),
+                inactivity_timeout=conf.inactivity_timeout,
+                max_session_length=conf.max_session_length,
+            ).persist()
+            lake.overwrite(spark, root, lake.SESSIONS, sessions_df)
+            report.sessions_written = sessions_df.count()
+            report.split_visits = sessions_df.filter(F.col("visit_part") == 1).count()
+            report.users_touched = sessions_df.select("user_key").distinct().count()
+            report.new_events = events_df.count()
+            sessions_df.unpersist()
+        else:
+            _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, report)
+        lake.overwrite(
+            spark,
+            root,
+            lake.IDENTITY_MAP,
+            identity_df.withColumn("updated_at", F.current_timestamp()),
+        )
+        lake.write_watermark(spark, root, JOB, latest, report.run_id)
+    finally:
+        identity_df.unpersist()
+    return report
+
+
+JOB = "sessionize"
+
+
+def _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, report) -> None:
+    root, conf = cfg.lake.root, cfg.sessions
+    since = watermark - conf.lookback
+    new_df = with_user_key(events_df.filter(F.col("ingested_at") > F.lit(since)), identity_df)
+    touched_df = new_df.groupBy("user_key").agg(F.min("event_time").alias("t_min"))
+    if previous_df is not None:
+        # identities that changed: both the old and the new key are rebuilt from the start
+        changed_df = (
+            identity_df.select("anonymous_id", F.col("user_key").alias("new_key"))
+            .join(
+                previous_df.select("anonymous_id", F.col("user_key").alias("old_key")),
+                on="anonymous_id",
+                how="full",
+            )
+            .filter(~F.col("new_key").eqNullSafe(F.col("old_key")))
+        )
+        report.identities_changed = changed_df.count()
+        keys = [
+            F.coalesce(F.col(k), F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id")))
+            for k in ("old_key", "new_key")
+        ]
+        changed_keys_df = changed_df.select(F.explode(F.array(*keys)).alias("user_key"))
+        touched_df = touched_df.unionByName(
+            changed_keys_df.select("user_key", F.lit(_BEGINNING).alias("t_min"))
+        )
+    existing_df = lake.read_table(spark, root, lake.SESSIONS)
+    ranges_df = affected_ranges(
+        touched_df, existing_df, inactivity_timeout=conf.inactivity_timeout
+    ).persist()
+    try:
+        report.users_touched = ranges_df.count()
+        report.new_events = events_df.filter(F.col("ingested_at") > F.lit(watermark)).count()
+        keyed_df = with_user_key(events_df, identity_df).join(
+            F.broadcast(ranges_df) if report.users_touched < 100_000 else ranges_df,
+            on="user_key",
+            how="inner",
+        )
+        rebuilt_df = sessionize(
+            keyed_df.filter(F.col("event_time") >= F.col("recompute_from")),
+            inactivity_timeout=conf.inactivity_timeout,
+            max_session_length=conf.max_session_length,
+        )
+        stale_df = (
+            existing_df.join(ranges_df, on="user_key", how="inner")
+            .filter(F.col("visit_start") >= F.col("recompute_from"))
+            .select("session_id")
+            .join(rebuilt_df.select("session_id"), on="session_id", how="left_anti")
+        )
+        changes_df = (
+            lake.conform(rebuilt_df, lake.SESSIONS)
+            .withColumn("_remove", F.lit(False))
+            .unionByName(stale_df.withColumn("_remove", F.lit(True)), allowMissingColumns=True)
+        )
+        changes_df = changes_df.persist()
+        report.sessions_written = changes_df.filter(~F.col("_remove")).count()
+        report.sessions_removed = changes_df.filter(F.col("_remove")).count()
+        report.split_visits = changes_df.filter(F.col("visit_part") == 1).count()
+        target = lake.ensure_table(spark, root, lake.SESSIONS)
+        (
+            target.alias("t")
+            .merge(changes_df.alias("s"), "t.session_id = s.session_id")
+            .whenMatchedDelete(condition="s._remove")
+            .whenMatchedUpdate(set={c: f"s.`{c}`" for c in lake.SESSIONS.schema.names})
+            .whenNotMatchedInsert(
+                condition="NOT s._remove",
+                values={c: f"s.`{c}`" for c in lake.SESSIONS.schema.names},
+            )
+            .execute()
+        )
+        changes_df.unpersist()
+    finally:
+        ranges_df.unpersist()
