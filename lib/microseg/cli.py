@@ -106,6 +106,37 @@ def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_of(text: str):
+    from datetime import datetime, timezone
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not an ISO 8601 time such as 2026-10-01 or 2026-10-01T12:00:00Z"
+        ) from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _features_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="point in time (UTC unless an offset is given); only earlier events are used",
+    )
+
+
+def _features(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.features import run_features
+    from microseg.report import print_features_report
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-features")
+    print_features_report(spark, cfg, run_features(spark, cfg, as_of=args.as_of))
+    return 0
+
+
 def _status(cfg: Config, args: argparse.Namespace) -> int:
     from pyspark.sql import functions as F
 

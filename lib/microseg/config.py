@@ -122,6 +122,12 @@ class SessionsConfig(Strict):
     )
 
 
+class FeaturesConfig(Strict):
+    include: tuple[str, ...] | None = Field(
+        None, description="Feature names to compute (see README); null or empty: all."
+    )
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -155,6 +161,7 @@ class Config(Strict):
     lake: LakeConfig = LakeConfig()
     ingest: IngestConfig = IngestConfig()
     sessions: SessionsConfig = SessionsConfig()
+    features: FeaturesConfig = FeaturesConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

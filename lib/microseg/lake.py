@@ -53,6 +53,12 @@ SESSIONS = Table(
     partition_by=("session_date",),
     comment="One row per session; session_id deterministic.",
 )
+USER_FEATURES = Table(
+    "gold/user_features",
+    schemas.USER_FEATURES_KEYS,
+    partition_by=("as_of_date",),
+    comment="One row per user key per as-of time; feature columns as selected in config.",
+)
 WATERMARKS = Table(
     "ops/watermarks",
     schemas.WATERMARKS,
@@ -114,7 +120,7 @@ def insert_new(
     )
 
 
-ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES, IDENTITY_MAP, SESSIONS, WATERMARKS)
+ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES, IDENTITY_MAP, SESSIONS, USER_FEATURES, WATERMARKS)
 
 
 def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> None:

@@ -88,3 +88,49 @@ def print_sessionize_report(report) -> None:
         f"{report.identities_changed:,}",
     )
     console.print(table)
+
+
+def print_features_report(spark, cfg, report, examples: int = 3) -> None:
+    """The run's counts and a few example users (the most active ones) with their features."""
+    from pyspark.sql import functions as F
+
+    from microseg import lake
+
+    console.print(
+        f"[bold]features[/bold] as of {report.as_of} UTC: {report.users:,} users, "
+        f"{report.features} features, run={report.run_id}"
+    )
+    features_df = lake.read_table(spark, cfg.lake.root, lake.USER_FEATURES).filter(
+        F.col("run_id") == report.run_id
+    )
+    most_active = ["user_key"]
+    if "events_lifetime" in features_df.columns:
+        most_active = [F.desc("events_lifetime"), "user_key"]
+    rows = features_df.orderBy(*most_active).limit(examples).collect()
+    if not rows:
+        return
+    shown = [
+        name
+        for name in (
+            "days_since_last_event",
+            "orders_lifetime",
+            "revenue_lifetime",
+            "avg_order_value_lifetime",
+            "sessions_30d",
+            "bounce_rate_30d",
+            "cart_abandonment_rate_lifetime",
+            "max_views_one_product_unbought_7d",
+            "top_category",
+            "preferred_hour",
+            "recency_score",
+            "frequency_score",
+            "monetary_score",
+            "engagement_score",
+        )
+        if name in rows[0].asDict()
+    ]
+    table = Table("feature", *[str(r.user_key) for r in rows])
+    for name in shown:
+        values = [r[name] for r in rows]
+        table.add_row(name, *[f"{v:.2f}" if isinstance(v, float) else str(v) for v in values])
+    console.print(table)

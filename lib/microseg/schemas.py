@@ -169,3 +169,14 @@ WATERMARKS = T.StructType(
         _field("updated_at", TIMESTAMP, False, "When"),
     ]
 )
+
+# gold/user_features: these columns, then the selected features (README lists them all).
+USER_FEATURES_KEYS = T.StructType(
+    [
+        _field("user_key", STRING, False, "User key (see silver/sessions)"),
+        _field("as_of", TIMESTAMP, False, "Features use only events strictly before this time"),
+        _field("as_of_date", T.DateType(), False, "UTC date of as_of; partition column"),
+        _field("computed_at", TIMESTAMP, False, "When the row was computed"),
+        _field("run_id", STRING, False, "Id of the features run"),
+    ]
+)
