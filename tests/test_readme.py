@@ -36,3 +36,14 @@ def test_quick_start_is_the_two_commands():
     quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
     commands = re.findall(r"^\./scripts/\w+", quick, flags=re.M)
     assert commands == ["./scripts/demo", "./scripts/test"]
+
+
+def test_every_feature_is_documented():
+    from microseg.features import FEATURES, WINDOWS
+
+    for name in FEATURES:
+        base = next((name[: -len(w) - 1] for w in WINDOWS if name.endswith("_" + w)), None)
+        documented = f"`{name}`" in README or (
+            base is not None and f"`{base}_{{7d,30d,90d,lifetime}}`" in README
+        )
+        assert documented, f"feature {name} is missing from README"
