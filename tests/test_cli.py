@@ -48,7 +48,8 @@ def test_module_and_console_script_list_commands():
     ):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 0
-        assert "ingest" in result.stdout and "generate" in result.stdout
+        for command in ("generate", "ingest", "sessionize", "features", "status"):
+            assert command in result.stdout
 
 
 def test_job_failure_exits_1_with_one_line(spark, tmp_path, capsys):
@@ -155,3 +156,28 @@ def test_spark_submit_runs_the_job(spark, tmp_path):
     assert "2,000" in result.stdout
     cfg = make_config(tmp_path)
     assert lake.read_table(spark, cfg.lake.root, lake.EVENTS).count() == 2000
+
+
+def test_pipeline_commands_in_process(spark, tmp_path, capsys):
+    common = [
+        "--conf",
+        "conf/local.yaml",
+        *[a for s in TEST_SETTINGS for a in ("--set", s)],
+        "--set",
+        f"lake.root={tmp_path / 'lake'}",
+    ]
+    taobao = str(DATA / "taobao-userbehavior-excerpt.csv")
+    assert main(["ingest", *common, "--source", "taobao", "--path", taobao]) == 0
+    assert main(["sessionize", *common]) == 0
+    assert "mode=full" in capsys.readouterr().out
+    assert main(["sessionize", *common]) == 0
+    assert "mode=nothing new" in capsys.readouterr().out
+    assert main(["features", *common, "--as-of", "2017-12-04"]) == 0
+    assert "as of 2017-12-04 00:00:00 UTC: 30 users" in capsys.readouterr().out
+    assert main(["status", *common]) == 0
+    out = capsys.readouterr().out
+    for table in ("bronze/events", "silver/sessions", "silver/identity_map", "gold/user_features"):
+        assert table in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["features", *common, "--as-of", "yesterday"])
+    assert exit_info.value.code == 2

@@ -175,6 +175,24 @@ COMMANDS: dict[str, Command] = {
             _ingest_arguments,
             _ingest,
         ),
+        Command(
+            "sessionize",
+            "build silver/identity_map and silver/sessions (incremental)",
+            _sessionize_arguments,
+            _sessionize,
+        ),
+        Command(
+            "features",
+            "compute gold/user_features as of a point in time",
+            _features_arguments,
+            _features,
+        ),
+        Command(
+            "status",
+            "list the lake's tables with row counts, and quarantine reasons",
+            lambda parser: None,
+            _status,
+        ),
     )
 }
 

@@ -1,0 +1,778 @@
+"""Sessionize benchmark: microseg vs a DuckDB yardstick vs a naive PySpark sessionizer.
+
+    .venv/bin/python bench/sessionize_bench.py --events 1000000 5000000 20000000
+
+For each size, on the same data: generate synthetic Parquet events once (reused while its
+manifest.json exists), ingest them into a Delta lake once (reused while bronze/events holds
+the expected count), then time
+
+* microseg: `run_sessionize(spark, cfg, full=True)`, Delta in, Delta out (silver/sessions,
+  plus silver/identity_map and the watermark it also maintains), local[*] with
+  conf/local.yaml and --set overrides (default spark.conf.spark.driver.memory=8g);
+* duckdb: bench/duckdb_sessions.sql over the bronze table's current Parquet files (listed
+  by the `deltalake` package), streamed into a Delta table with `deltalake.write_deltalake`;
+* naive: Spark join for identities, then groupBy("user_key").applyInPandas with the Python
+  loop of bench/naive_sessionizer.py, written to Delta; only up to --naive-max-events.
+
+Then it checks that every system's sessions agree (session count and column sums, and a
+row-by-row comparison on session_id), prints a table per size and writes
+bench/results/sessionize-<size>.json and bench/results/sessionize.md. Exits 1 when any
+system fails or disagrees.
+
+The stages are a registry (STAGES): one function per system per stage plus a summary and a
+comparison per stage, so a stage for user features can be added beside "sessionize".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+DUCKDB_SQL = BENCH / "duckdb_sessions.sql"
+NAIVE_MODULE = BENCH / "naive_sessionizer.py"
+DEFAULT_SETS = ["spark.conf.spark.driver.memory=8g"]
+
+log = logging.getLogger("sessionize_bench")
+
+
+# --------------------------------------------------------------------------------------
+# data: generate once, ingest once
+
+
+@dataclass
+class Dataset:
+    requested: int  # the --events value
+    events: int  # rows in bronze/events
+    users: int
+    data_dir: Path
+    lake_root: Path
+    cfg: Any  # microseg Config with lake.root = lake_root
+    generated_now: bool = False
+    ingested_now: bool = False
+    prepare_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _manifest_events(manifest: dict) -> int:
+    return int(manifest.get("valid_unique_events", manifest.get("total_records")))
+
+
+def delta_row_count(path: Path) -> int | None:
+    """Rows of a Delta table from its log statistics (no data read); None if no table."""
+    from deltalake import DeltaTable
+
+    if not (path / "_delta_log").is_dir():
+        return None
+    try:
+        actions = DeltaTable(str(path)).get_add_actions(flatten=True)
+    except Exception:  # noqa: BLE001 - a broken table counts as absent
+        return None
+    counts = actions.column("num_records").to_pylist()
+    if any(c is None for c in counts):
+        return None
+    return int(sum(counts))
+
+
+def prepare(args, size: int, spark_holder: dict) -> Dataset:
+    """Generated Parquet events and an ingested lake for `size`; neither is timed."""
+    from microseg import lake
+    from microseg.config import GenerateConfig, load_config
+    from microseg.generate import estimate_users_for_events, generate
+    from microseg.ingest import run_ingest
+
+    work = Path(args.work)
+    data_dir = work / f"data-parquet-{size}"  # same layout as bench/ingest_throughput.py
+    lake_root = work / f"sessionize-lake-{size}"
+    cfg = load_config(args.conf, [f"lake.root={lake_root}", *args.sets])
+    timings: dict[str, float] = {}
+
+    generated_now = False
+    if not (data_dir / "manifest.json").is_file():
+        log.info("generating about %s events into %s", f"{size:,}", data_dir)
+        t0 = time.monotonic()
+        settings = GenerateConfig(
+            users=estimate_users_for_events(size), format="parquet", output=str(data_dir)
+        )
+        generate(settings, data_dir)
+        timings["generate"] = round(time.monotonic() - t0, 1)
+        generated_now = True
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    expected = _manifest_events(manifest)
+
+    bronze = Path(lake.table_path(str(lake_root), lake.EVENTS))
+    ingested_now = False
+    found = delta_row_count(bronze)
+    if found != expected or generated_now:
+        log.info(
+            "ingesting %s events into a fresh lake %s (found %s)", f"{expected:,}", lake_root, found
+        )
+        shutil.rmtree(lake_root, ignore_errors=True)
+        spark = spark_session(args, cfg, spark_holder)
+        t0 = time.monotonic()
+        run_ingest(spark, cfg, source="synthetic", path=str(data_dir / "events"), fmt="parquet")
+        timings["ingest"] = round(time.monotonic() - t0, 1)
+        ingested_now = True
+        found = delta_row_count(bronze)
+        if found is None:
+            found = lake.read_table(spark, str(lake_root), lake.EVENTS).count()
+        if found != expected:
+            log.warning("bronze/events holds %s events, the manifest says %s", found, expected)
+    else:
+        log.info("reusing %s (%s events)", lake_root, f"{found:,}")
+    return Dataset(
+        requested=size,
+        events=int(found),
+        users=int(manifest["users"]),
+        data_dir=data_dir,
+        lake_root=lake_root,
+        cfg=cfg,
+        generated_now=generated_now,
+        ingested_now=ingested_now,
+        prepare_seconds=timings,
+    )
+
+
+def spark_session(args, cfg, holder: dict):
+    """One Spark session for the whole run (JVM settings come from the first config)."""
+    if "spark" not in holder:
+        from microseg.spark import build_spark
+
+        holder["spark"] = build_spark(cfg.spark, app_name="bench-sessionize")
+        # the naive sessionizer's module must be importable in the Python workers
+        holder["spark"].sparkContext.addPyFile(str(NAIVE_MODULE))
+    return holder["spark"]
+
+
+# --------------------------------------------------------------------------------------
+# the systems
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    data: Dataset
+    spark_holder: dict
+
+    @property
+    def spark(self):
+        return spark_session(self.args, self.data.cfg, self.spark_holder)
+
+    @property
+    def root(self) -> str:
+        return str(self.data.lake_root)
+
+    def output(self, system: str, table: str) -> Path:
+        """Where a yardstick or baseline writes its table (beside the lake's own tables)."""
+        return self.data.lake_root / "bench" / system / table
+
+
+def delta_files(path: Path | str) -> list[str]:
+    """The current Parquet files of a Delta table, refusing tables DuckDB cannot read as
+    plain Parquet (deletion vectors, column mapping)."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(path))
+    features = set(table.protocol().reader_features or [])
+    unsupported = features & {"deletionVectors", "columnMapping"}
+    if unsupported:
+        raise RuntimeError(f"{path}: reader features {sorted(unsupported)} need a Delta reader")
+    return [uri.removeprefix("file://") for uri in table.file_uris()]
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def duckdb_connect(args):
+    import duckdb
+
+    tmp = Path(args.work) / "duckdb-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET threads = {int(args.duckdb_threads)}")
+    con.execute(f"SET memory_limit = '{args.duckdb_memory}'")
+    con.execute(f"SET temp_directory = '{tmp}'")
+    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def parquet_view(con, name: str, files: list[str]) -> None:
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW {name} AS "
+        f"SELECT * FROM read_parquet({_sql_list(files)}, hive_partitioning = false)"
+    )
+
+
+# stage "sessionize" ---------------------------------------------------------------------
+
+
+def microseg_sessionize(ctx: Context) -> tuple[Path, dict]:
+    from microseg import lake
+    from microseg.sessions import run_sessionize
+
+    spark = ctx.spark
+    spark.catalog.clearCache()
+    report = run_sessionize(spark, ctx.data.cfg, full=True)
+    out = Path(lake.table_path(ctx.root, lake.SESSIONS))
+    return out, {
+        "mode": report.mode,
+        "sessions_written": report.sessions_written,
+        "split_visits": report.split_visits,
+        "users_touched": report.users_touched,
+        "identity_conflicts": report.identity_conflicts,
+    }
+
+
+def duckdb_sessionize(ctx: Context) -> tuple[Path, dict]:
+    from deltalake import write_deltalake
+
+    from microseg import lake
+
+    conf = ctx.data.cfg.sessions
+    out = ctx.output("duckdb", "sessions")
+    files = delta_files(lake.table_path(ctx.root, lake.EVENTS))
+    con = duckdb_connect(ctx.args)
+    try:
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW bronze_events AS "
+            "SELECT * REPLACE (event_time::TIMESTAMP AS event_time) "
+            f"FROM read_parquet({_sql_list(files)}, hive_partitioning = false)"
+        )
+        timeout_s = conf.inactivity_timeout.total_seconds()
+        max_len_s = conf.max_session_length.total_seconds()
+        con.execute(f"SET VARIABLE inactivity_timeout_s = {timeout_s!r}::DOUBLE")
+        con.execute(f"SET VARIABLE max_session_length_s = {max_len_s!r}::DOUBLE")
+        con.execute(DUCKDB_SQL.read_text())
+        reader = con.sql("SELECT * FROM sessions").to_arrow_reader(ctx.args.duckdb_batch_rows)
+        write_deltalake(str(out), reader, mode="overwrite", partition_by=["session_date"])
+    finally:
+        con.close()
+    return out, {"input_files": len(files), "output_format": "delta (deltalake.write_deltalake)"}
+
+
+def naive_sessionize(ctx: Context) -> tuple[Path, dict]:
+    import naive_sessionizer
+    from microseg import lake
+
+    conf = ctx.data.cfg.sessions
+    out = ctx.output("naive", "sessions")
+    spark = ctx.spark
+    spark.catalog.clearCache()
+    events_df = spark.read.format("delta").load(lake.table_path(ctx.root, lake.EVENTS))
+    sessions_df = naive_sessionizer.naive_sessions(
+        events_df,
+        inactivity_timeout=conf.inactivity_timeout,
+        max_session_length=conf.max_session_length,
+    )
+    (
+        sessions_df.write.format("delta")
+        .mode("overwrite")
+        .option("overwriteSchema", "true")
+        .partitionBy("session_date")
+        .save(str(out))
+    )
+    return out, {}
+
+
+# what the sessions of every system are compared on
+SESSION_SUMS = [
+    "events",
+    "page_views",
+    "product_views",
+    "cart_adds",
+    "purchase_events",
+    "items",
+    "searches",
+    "cart_removes",
+    "wishlist_adds",
+    "checkouts",
+    "distinct_products",
+    "distinct_categories",
+    "visit_part",
+]
+SESSION_COUNTS = ["is_bounce", "has_purchase", "is_cart_abandoned"]
+SESSION_FLOAT_SUMS = ["revenue", "duration_seconds"]
+REL_TOLERANCE = 1e-6
+# columns compared row by row (joined on session_id); times as epoch microseconds
+ROW_EXACT = [
+    "user_key",
+    "first_event_id",
+    "events",
+    "page_views",
+    "product_views",
+    "searches",
+    "cart_adds",
+    "cart_removes",
+    "wishlist_adds",
+    "checkouts",
+    "purchase_events",
+    "distinct_products",
+    "distinct_categories",
+    "landing_page",
+    "exit_page",
+    "landing_product",
+    "exit_product",
+    "has_cart_add",
+    "has_checkout",
+    "has_purchase",
+    "is_cart_abandoned",
+    "items",
+    "device",
+    "country",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "is_bounce",
+    "visit_part",
+]
+ROW_TIMES = ["session_start", "session_end", "visit_start"]
+ROW_FLOATS = ["revenue", "duration_seconds"]
+
+
+def summarize_sessions(args, path: Path) -> dict:
+    """Session count and column sums of a sessions table (computed in DuckDB)."""
+    con = duckdb_connect(args)
+    try:
+        parquet_view(con, "s", delta_files(path))
+        exprs = [
+            "count(*) AS sessions",
+            "count(DISTINCT session_id) AS distinct_session_ids",
+            "count(DISTINCT user_key) AS user_keys",
+            *[f"sum({c})::BIGINT AS {c}" for c in SESSION_SUMS],
+            *[f"count(*) FILTER (WHERE {c}) AS {c}" for c in SESSION_COUNTS],
+            *[f"sum({c})::DOUBLE AS {c}" for c in SESSION_FLOAT_SUMS],
+        ]
+        cursor = con.execute(f"SELECT {', '.join(exprs)} FROM s")
+        names = [d[0] for d in cursor.description]
+        row = cursor.fetchone()
+    finally:
+        con.close()
+    return {n: (0 if v is None else v) for n, v in zip(names, row, strict=True)}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=REL_TOLERANCE, abs_tol=1e-9)
+
+
+def diff_sums(left: dict, right: dict) -> list[str]:
+    problems = []
+    for key in left:
+        a, b = left[key], right.get(key)
+        same = _close(a, b) if key in SESSION_FLOAT_SUMS else a == b
+        if not same:
+            problems.append(f"{key}: {a!r} vs {b!r}")
+    return problems
+
+
+def diff_rows(args, left: Path, right: Path) -> dict:
+    """Row-by-row comparison of two sessions tables joined on session_id."""
+    con = duckdb_connect(args)
+    try:
+        parquet_view(con, "l", delta_files(left))
+        parquet_view(con, "r", delta_files(right))
+        differs = [f"l.{c} IS DISTINCT FROM r.{c}" for c in ROW_EXACT]
+        differs += [f"epoch_us(l.{c}) IS DISTINCT FROM epoch_us(r.{c})" for c in ROW_TIMES]
+        differs += [
+            f"abs(l.{c} - r.{c}) > {REL_TOLERANCE} * greatest(abs(l.{c}), abs(r.{c}), 1e-3)"
+            for c in ROW_FLOATS
+        ]
+        con.execute(
+            "CREATE TEMP TABLE d AS SELECT coalesce(l.session_id, r.session_id) AS session_id, "
+            "l.session_id IS NULL AS only_right, r.session_id IS NULL AS only_left, "
+            f"({' OR '.join(differs)}) AS differs "
+            "FROM l FULL OUTER JOIN r ON l.session_id = r.session_id "
+            "WHERE l.session_id IS NULL OR r.session_id IS NULL "
+            f"OR {' OR '.join(differs)}"
+        )
+        only_left, only_right, differing = con.execute(
+            "SELECT count(*) FILTER (WHERE only_left), count(*) FILTER (WHERE only_right), "
+            "count(*) FILTER (WHERE NOT only_left AND NOT only_right) FROM d"
+        ).fetchone()
+        examples = [r[0] for r in con.execute("SELECT session_id FROM d LIMIT 5").fetchall()]
+    finally:
+        con.close()
+    return {
+        "only_left": only_left,
+        "only_right": only_right,
+        "differing": differing,
+        "examples": examples,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the stage registry
+
+
+@dataclass
+class System:
+    run: Callable[[Context], tuple[Path, dict]]
+    max_events: Callable[[argparse.Namespace], int | None] = lambda args: None
+
+
+@dataclass
+class Stage:
+    systems: dict[str, System]
+    summarize: Callable[[argparse.Namespace, Path], dict]
+    diff_sums: Callable[[dict, dict], list[str]]
+    diff_rows: Callable[[argparse.Namespace, Path, Path], dict] | None = None
+
+
+STAGES: dict[str, Stage] = {
+    "sessionize": Stage(
+        systems={
+            "microseg": System(microseg_sessionize),
+            "duckdb": System(duckdb_sessionize),
+            "naive": System(naive_sessionize, max_events=lambda args: args.naive_max_events),
+        },
+        summarize=summarize_sessions,
+        diff_sums=diff_sums,
+        diff_rows=diff_rows,
+    ),
+    # "features": Stage(systems={...}, summarize=..., diff_sums=...) once gold/user_features
+    # exists: one function per system, like the sessionize ones.
+}
+
+
+@dataclass
+class Run:
+    system: str
+    seconds: float | None = None
+    all_seconds: list[float] = field(default_factory=list)
+    output: Path | None = None
+    extra: dict = field(default_factory=dict)
+    summary: dict | None = None
+    error: str | None = None
+    skipped: str | None = None
+    verdict: str = ""
+    disagreements: list[str] = field(default_factory=list)
+
+
+def run_stage(args, stage_name: str, data: Dataset, spark_holder: dict) -> list[Run]:
+    stage = STAGES[stage_name]
+    ctx = Context(args=args, data=data, spark_holder=spark_holder)
+    runs = []
+    for name in args.systems:
+        system = stage.systems[name]
+        run = Run(system=name)
+        runs.append(run)
+        limit = system.max_events(args)
+        if limit is not None and data.requested > limit:
+            run.skipped = f"size above {limit:,}"
+            log.info("%s %s: skipped (%s)", stage_name, name, run.skipped)
+            continue
+        for attempt in range(args.repeat):
+            log.info("%s %s: run %d of %d", stage_name, name, attempt + 1, args.repeat)
+            try:
+                t0 = time.monotonic()
+                run.output, run.extra = system.run(ctx)
+                run.all_seconds.append(round(time.monotonic() - t0, 2))
+            except Exception as exc:  # noqa: BLE001 - report it and go on with the others
+                traceback.print_exc()
+                run.error = f"{type(exc).__name__}: {exc}"
+                break
+            log.info("%s %s: %.1f s", stage_name, name, run.all_seconds[-1])
+        if run.error is None:
+            run.seconds = min(run.all_seconds)
+            try:
+                run.summary = stage.summarize(args, run.output)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                run.error = f"reading its output: {type(exc).__name__}: {exc}"
+    check(args, stage, runs)
+    return runs
+
+
+def check(args, stage: Stage, runs: list[Run]) -> None:
+    """Every system that ran is compared with every other; it passes when all agree."""
+    done = [r for r in runs if r.summary is not None]
+    for run in runs:
+        if run.skipped:
+            run.verdict = "SKIPPED"
+        elif run.error:
+            run.verdict = "FAIL"
+            run.disagreements.append(run.error)
+    for i, left in enumerate(done):
+        for right in done[i + 1 :]:
+            problems = [f"sum {p}" for p in stage.diff_sums(left.summary, right.summary)]
+            if stage.diff_rows is not None and not args.no_row_diff:
+                rows = stage.diff_rows(args, left.output, right.output)
+                if rows["only_left"] or rows["only_right"] or rows["differing"]:
+                    problems.append(
+                        f"rows: {rows['only_left']} only in {left.system}, "
+                        f"{rows['only_right']} only in {right.system}, "
+                        f"{rows['differing']} differing (e.g. {', '.join(rows['examples'])})"
+                    )
+            for a, b in ((left, right), (right, left)):
+                a.disagreements += [f"vs {b.system}: {p}" for p in problems]
+    for run in done:
+        run.verdict = "FAIL" if run.disagreements else "PASS"
+    if len(done) < 2:
+        for run in done:
+            run.verdict = "PASS (alone)" if not run.disagreements else "FAIL"
+
+
+# --------------------------------------------------------------------------------------
+# reporting
+
+
+def machine_facts(args, spark_holder: dict) -> dict:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        with open("/proc/meminfo") as fh:
+            mem_kb = int(next(line for line in fh if line.startswith("MemTotal")).split()[1])
+        memory_gb = round(mem_kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        memory_gb = None
+    facts = {
+        "cpus": os.cpu_count(),
+        "memory_gb": memory_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "pyspark": version("pyspark"),
+        "delta-spark": version("delta-spark"),
+        "deltalake": version("deltalake"),
+        "duckdb": version("duckdb"),
+        "pandas": version("pandas"),
+        "pyarrow": version("pyarrow"),
+        "duckdb_threads": args.duckdb_threads,
+        "duckdb_memory_limit": args.duckdb_memory,
+        "config": str(args.conf),
+        "overrides": list(args.sets),
+    }
+    spark = spark_holder.get("spark")
+    if spark is not None:
+        conf = spark.sparkContext.getConf()
+        facts["spark_master"] = conf.get("spark.master", None)
+        facts["spark_driver_memory"] = conf.get("spark.driver.memory", None)
+        facts["spark_shuffle_partitions"] = spark.conf.get("spark.sql.shuffle.partitions")
+        facts["java"] = spark.sparkContext._jvm.System.getProperty("java.version")
+    return facts
+
+
+def _fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 2)
+
+
+def size_result(data: Dataset, runs: list[Run], base: tuple[int, float] | None) -> dict:
+    by_name = {r.system: r for r in runs}
+
+    def secs(name: str) -> float | None:
+        run = by_name.get(name)
+        return None if run is None or run.error else run.seconds
+
+    micro = secs("microseg")
+    per_event_vs_smallest = None
+    if micro is not None and base is not None:
+        per_event_vs_smallest = round((micro / data.events) / (base[1] / base[0]), 2)
+    return {
+        "stage": "sessionize",
+        "requested_events": data.requested,
+        "events": data.events,
+        "users": data.users,
+        "lake": str(data.lake_root),
+        "prepared": {
+            "generated_now": data.generated_now,
+            "ingested_now": data.ingested_now,
+            "seconds": data.prepare_seconds,
+        },
+        "systems": {
+            r.system: {
+                "seconds": r.seconds,
+                "all_seconds": r.all_seconds,
+                "events_per_second": round(data.events / r.seconds) if r.seconds else None,
+                "sessions": (r.summary or {}).get("sessions"),
+                "verdict": r.verdict,
+                "skipped": r.skipped,
+                "error": r.error,
+                "disagreements": r.disagreements,
+                "output": str(r.output) if r.output else None,
+                "summary": r.summary,
+                "details": r.extra,
+            }
+            for r in runs
+        },
+        "ratios": {
+            "microseg_over_duckdb": _ratio(micro, secs("duckdb")),
+            "naive_over_microseg": _ratio(secs("naive"), micro),
+            "microseg_seconds_per_event_vs_smallest": per_event_vs_smallest,
+        },
+    }
+
+
+def print_size(result: dict) -> None:
+    print()
+    print(
+        f"== sessionize, {result['events']:,} events ({result['users']:,} users, "
+        f"requested {result['requested_events']:,}) =="
+    )
+    print(f"{'system':10s} {'seconds':>9s} {'events/s':>11s} {'sessions':>10s}  check")
+    for name, s in result["systems"].items():
+        eps = f"{s['events_per_second']:,}" if s["events_per_second"] else "-"
+        sessions = f"{s['sessions']:,}" if s["sessions"] is not None else "-"
+        note = s["skipped"] or ""
+        secs = _fmt_s(s["seconds"])
+        print(f"{name:10s} {secs:>9s} {eps:>11s} {sessions:>10s}  {s['verdict']} {note}")
+        for problem in s["disagreements"][:12]:
+            print(f"{'':12s}{problem}")
+    r = result["ratios"]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
+
+    print(
+        f"microseg/DuckDB {x(r['microseg_over_duckdb'])}   naive/microseg "
+        f"{x(r['naive_over_microseg'])}   microseg time per event vs smallest size "
+        f"{x(r['microseg_seconds_per_event_vs_smallest'])}"
+    )
+
+
+def write_markdown(path: Path, results: list[dict], machine: dict, started: str) -> None:
+    def cell(v, fmt="{:,.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = [
+        "# Sessionize benchmark",
+        "",
+        f"Run of {started} by `bench/sessionize_bench.py` (see bench/README.md). Seconds are "
+        "wall-clock, input is the lake's bronze/events (Delta), output a Delta table.",
+        "",
+        "| events | users | sessions | microseg s | DuckDB s | naive s | microseg ev/s "
+        "| DuckDB ev/s | naive ev/s | microseg/DuckDB | naive/microseg "
+        "| microseg s/event vs smallest | agree |",
+        "|" + "---:|" * 12 + ":---|",
+    ]
+    for res in results:
+        sy = res["systems"]
+
+        def get(name, key, sy=sy):
+            return sy.get(name, {}).get(key)
+
+        sessions = next((s["sessions"] for s in sy.values() if s["sessions"] is not None), None)
+        verdicts = ", ".join(f"{n} {s['verdict']}" for n, s in sy.items())
+        r = res["ratios"]
+        lines.append(
+            f"| {res['events']:,} | {res['users']:,} | {cell(sessions, '{:,}')} "
+            f"| {cell(get('microseg', 'seconds'))} | {cell(get('duckdb', 'seconds'))} "
+            f"| {cell(get('naive', 'seconds'))} "
+            f"| {cell(get('microseg', 'events_per_second'), '{:,}')} "
+            f"| {cell(get('duckdb', 'events_per_second'), '{:,}')} "
+            f"| {cell(get('naive', 'events_per_second'), '{:,}')} "
+            f"| {cell(r['microseg_over_duckdb'], '{:.2f}x')} "
+            f"| {cell(r['naive_over_microseg'], '{:.2f}x')} "
+            f"| {cell(r['microseg_seconds_per_event_vs_smallest'], '{:.2f}')} | {verdicts} |"
+        )
+    lines += ["", "Machine:", ""]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--work", default=str(BENCH / "work"), help="data, lakes, DuckDB spill")
+    parser.add_argument("--results", default=str(BENCH / "results"))
+    parser.add_argument("--conf", default=str(ROOT / "conf" / "local.yaml"))
+    parser.add_argument(
+        "--set",
+        dest="extra_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"config override, repeatable; applied after {DEFAULT_SETS}",
+    )
+    parser.add_argument("--naive-max-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["microseg", "duckdb", "naive"],
+        choices=["microseg", "duckdb", "naive"],
+    )
+    parser.add_argument("--stages", nargs="+", default=["sessionize"], choices=sorted(STAGES))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per system; best is kept")
+    parser.add_argument("--duckdb-threads", type=int, default=2)
+    parser.add_argument("--duckdb-memory", default="6GB", help="DuckDB memory_limit")
+    parser.add_argument("--duckdb-batch-rows", type=int, default=131_072)
+    parser.add_argument("--no-row-diff", action="store_true", help="compare sums only")
+    args = parser.parse_args(argv)
+    args.sets = [*DEFAULT_SETS, *args.extra_sets]
+    args.work = str(Path(args.work).resolve())
+    args.results = str(Path(args.results).resolve())
+    args.conf = str(Path(args.conf).resolve())
+    args.events = sorted(set(args.events))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.chdir(ROOT)  # conf/local.yaml names paths relative to the project
+    os.environ.setdefault("MICROSEG_PSEUDONYMIZATION_KEY", "bench-only-key")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    sys.path.insert(0, str(BENCH))
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    spark_holder: dict = {}
+    results = []
+    ok = True
+    base = None  # (events, microseg seconds) of the smallest size
+    for size in args.events:
+        data = prepare(args, size, spark_holder)
+        for stage_name in args.stages:
+            runs = run_stage(args, stage_name, data, spark_holder)
+            ok &= all(r.verdict in ("PASS", "PASS (alone)", "SKIPPED") for r in runs)
+            micro = next((r for r in runs if r.system == "microseg" and r.seconds), None)
+            if base is None and micro is not None:
+                base = (data.events, micro.seconds)
+            result = size_result(data, runs, base)
+            results.append(result)
+            print_size(result)
+            machine = machine_facts(args, spark_holder)
+            result["machine"] = machine
+            result["run_started"] = started
+            out = results_dir / f"{stage_name}-{size}.json"
+            out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            print(f"wrote {out}")
+    session_results = [r for r in results if r["stage"] == "sessionize"]
+    if session_results:
+        summary = results_dir / "sessionize.md"
+        write_markdown(summary, session_results, session_results[-1]["machine"], started)
+        print(f"wrote {summary}")
+    print("ALL AGREE" if ok else "DISAGREEMENT OR FAILURE (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
