@@ -152,10 +152,22 @@ def spark_session(args, cfg, holder: dict):
     if "spark" not in holder:
         from microseg.spark import build_spark
 
-        holder["spark"] = build_spark(cfg.spark, app_name="bench-sessionize")
+        spark = build_spark(cfg.spark, app_name="bench-sessionize")
         # the naive sessionizer's module must be importable in the Python workers
-        holder["spark"].sparkContext.addPyFile(str(NAIVE_MODULE))
+        spark.sparkContext.addPyFile(str(NAIVE_MODULE))
+        warm_up(spark, Path(args.work) / "spark-warm-up")
+        holder["spark"] = spark
     return holder["spark"]
+
+
+def warm_up(spark, path: Path) -> None:
+    """Load the classes of a Delta write, a Delta read and a shuffle once, untimed, so the
+    first timed Spark system does not pay for them (the lake itself is not touched)."""
+    t0 = time.monotonic()
+    df = spark.range(100_000).selectExpr("id % 97 AS k", "id AS v")
+    df.write.format("delta").mode("overwrite").save(str(path))
+    spark.read.format("delta").load(str(path)).groupBy("k").count().collect()
+    log.info("Spark started and warmed up in %.1f s", time.monotonic() - t0)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,6 +434,7 @@ def diff_rows(args, left: Path, right: Path) -> dict:
 @dataclass
 class System:
     run: Callable[[Context], tuple[Path, dict]]
+    uses_spark: bool = True  # the session is started before the clock starts
     max_events: Callable[[argparse.Namespace], int | None] = lambda args: None
 
 
@@ -437,7 +450,7 @@ STAGES: dict[str, Stage] = {
     "sessionize": Stage(
         systems={
             "microseg": System(microseg_sessionize),
-            "duckdb": System(duckdb_sessionize),
+            "duckdb": System(duckdb_sessionize, uses_spark=False),
             "naive": System(naive_sessionize, max_events=lambda args: args.naive_max_events),
         },
         summarize=summarize_sessions,
@@ -476,6 +489,8 @@ def run_stage(args, stage_name: str, data: Dataset, spark_holder: dict) -> list[
             run.skipped = f"size above {limit:,}"
             log.info("%s %s: skipped (%s)", stage_name, name, run.skipped)
             continue
+        if system.uses_spark:
+            _ = ctx.spark
         for attempt in range(args.repeat):
             log.info("%s %s: run %d of %d", stage_name, name, attempt + 1, args.repeat)
             try:
@@ -525,6 +540,189 @@ def check(args, stage: Stage, runs: list[Run]) -> None:
     if len(done) < 2:
         for run in done:
             run.verdict = "PASS (alone)" if not run.disagreements else "FAIL"
+
+
+# --------------------------------------------------------------------------------------
+# self-check: hand-made edge cases the generated data never has
+
+
+def _edge_case_events() -> list[tuple]:
+    """(event_id, event_time, event_type, user_id, anonymous_id, product_id, price, quantity,
+    page_url, device, country, utm_source) rows for the rules the generator never exercises:
+    a gap of exactly the timeout, visits longer than the maximum length, ties in event_time,
+    identity conflicts (first seen, then smallest id), events without any id, purchases
+    without price or quantity."""
+    import random
+    from datetime import timedelta as td
+
+    t0 = datetime(2026, 9, 1, 22, 0, tzinfo=timezone.utc)
+    rows: list[tuple] = []
+
+    def ev(eid, t, etype="page_view", user=None, anon=None, product=None, price=None,
+           qty=None, page="/", device="desktop", country="NL", utm=None):  # fmt: skip
+        rows.append((eid, t, etype, user, anon, product, price, qty, page, device, country, utm))
+
+    # gap rule: exactly the timeout continues a visit, one microsecond more starts one
+    ev("g1", t0, user="u1")
+    ev("g2", t0 + td(minutes=30), user="u1")
+    ev("g3", t0 + td(minutes=60, microseconds=1), user="u1")
+    ev("g4", t0 + td(minutes=90, microseconds=1), user="u1")
+    # exactly-timeout gaps between times with microsecond fractions (seconds as doubles
+    # keep them exactly 1800 apart between 2004 and 2038: same binade): one session each
+    rng = random.Random(7)
+    for k in range(20):
+        start = t0 + td(days=1, hours=k % 20, microseconds=rng.randrange(1, 1_000_000))
+        ev(f"r{k}a", start, user=f"r{k:02d}")
+        ev(f"r{k}b", start + td(minutes=30), user=f"r{k:02d}")
+    # a 14-hour visit (an event every 20 minutes, one exactly 6 h and 12 h after its start):
+    # three sessions, the pieces crossing midnight
+    for i in range(43):
+        ev(f"long{i:02d}", t0 + td(minutes=20 * i), user="u2", etype="product_view",
+           product=f"p{i % 5}")  # fmt: skip
+    # ties in event_time are ordered by event_id; "first" columns skip nulls, utm does not
+    t1 = t0 + td(days=2)
+    ev("t-b", t1, user="u3", page="/b", device="mobile", country=None, utm="google")
+    ev("t-a", t1, user="u3", page=None, device=None, country="DE", utm=None)
+    ev("t-c", t1 + td(minutes=1), user="u3", page="/c", product="p9", etype="product_view")
+    # identity: a1 seen with u4 first, then u5 (conflict) -> u4, also retroactively
+    t2 = t0 + td(days=3)
+    ev("i1", t2, anon="a1")
+    ev("i2", t2 + td(minutes=5), user="u4", anon="a1")
+    ev("i3", t2 + td(minutes=10), user="u5", anon="a1")
+    ev("i4", t2 + td(minutes=15), anon="a1")
+    # a2 seen with u7 and u6 at the same time -> the smaller id, u6
+    t3 = t0 + td(days=4)
+    ev("j1", t3, user="u7", anon="a2")
+    ev("j2", t3, user="u6", anon="a2")
+    ev("j3", t3 + td(minutes=1), anon="a2")
+    # byte order of ids: "zeta" < "Äpfel"
+    ev("k1", t3 + td(hours=1), user="\u00c4pfel", anon="a4")
+    ev("k2", t3 + td(hours=1), user="zeta", anon="a4")
+    ev("k3", t3 + td(hours=1, minutes=1), anon="a4")
+    # never stitched, and no id at all (dropped)
+    ev("n1", t3 + td(hours=2), anon="a3")
+    ev("n2", t3 + td(hours=2, minutes=29), anon="a3")
+    ev("n3", t3 + td(hours=2, minutes=5))
+    # purchases: revenue = price * coalesce(quantity, 1) of purchases only
+    t4 = t0 + td(days=5)
+    ev("m1", t4, user="u8", etype="add_to_cart", product="p1", price=10.0, qty=2)
+    ev("m2", t4 + td(minutes=1), user="u8", etype="purchase", product="p1", price=9.99, qty=3)
+    ev("m3", t4 + td(minutes=2), user="u8", etype="purchase", product="p2", price=None, qty=2)
+    ev("m4", t4 + td(minutes=3), user="u8", etype="purchase", product="p3", price=5.5)
+    ev("m5", t4 + td(minutes=4), user="u8", etype="checkout_started")
+    ev("m6", t4 + td(minutes=5), user="u8", etype="search")
+    ev("m7", t4 + td(minutes=6), user="u8", etype="remove_from_cart", product="p1")
+    ev("m8", t4 + td(minutes=7), user="u8", etype="add_to_wishlist", product="p4")
+    return rows
+
+
+# (what, SQL over the sessions table `s` giving one value, expected)
+EDGE_EXPECTATIONS = [
+    ("u1: exact timeout continues, +1 us splits", "count(*) FILTER (WHERE user_key = 'u1')", 2),
+    ("r*: fractional exact timeouts continue", "count(*) FILTER (WHERE user_key LIKE 'r%')", 20),
+    ("u2: 14 h visit -> 3 pieces", "count(*) FILTER (WHERE user_key = 'u2')", 3),
+    ("u2: last piece is 2", "max(visit_part) FILTER (WHERE user_key = 'u2')", 2),
+    ("u2: piece 1 starts exactly 6 h in", "max(events) FILTER (WHERE user_key = 'u2')", 18),
+    ("u2: one visit start", "count(DISTINCT visit_start) FILTER (WHERE user_key = 'u2')", 1),
+    (
+        "u3: first event by event_id",
+        "any_value(first_event_id) FILTER (WHERE user_key = 'u3')",
+        "t-a",
+    ),  # fmt: skip
+    (
+        "u3: landing page skips null",
+        "any_value(landing_page) FILTER (WHERE user_key = 'u3')",
+        "/b",
+    ),  # fmt: skip
+    ("u3: exit page", "any_value(exit_page) FILTER (WHERE user_key = 'u3')", "/c"),
+    (
+        "u3: utm of the first event (null)",
+        "count(*) FILTER (WHERE user_key = 'u3' AND utm_source IS NULL)",
+        1,
+    ),  # fmt: skip
+    ("u3: device skips null", "any_value(device) FILTER (WHERE user_key = 'u3')", "mobile"),
+    ("u3: country skips null", "any_value(country) FILTER (WHERE user_key = 'u3')", "DE"),
+    ("a1 -> u4 (first seen), retroactively", "sum(events) FILTER (WHERE user_key = 'u4')", 3),
+    ("u5 keeps its own event", "sum(events) FILTER (WHERE user_key = 'u5')", 1),
+    ("a2 -> u6 (tie: smaller id)", "sum(events) FILTER (WHERE user_key = 'u6')", 2),
+    ("a4 -> zeta (byte order)", "sum(events) FILTER (WHERE user_key = 'zeta')", 2),
+    ("a3 stays anonymous", "sum(events) FILTER (WHERE user_key = 'anon:a3')", 2),
+    ("no-id event dropped", "count(*) FILTER (WHERE first_event_id = 'n3')", 0),
+    ("u8 revenue", "round(sum(revenue) FILTER (WHERE user_key = 'u8'), 6)", 35.47),
+    ("u8 items", "sum(items) FILTER (WHERE user_key = 'u8')", 6),
+    ("u8 purchase events", "sum(purchase_events) FILTER (WHERE user_key = 'u8')", 3),
+    ("u8 distinct products", "sum(distinct_products) FILTER (WHERE user_key = 'u8')", 4),
+]
+
+
+def self_check(args, spark_holder: dict) -> bool:
+    """Run every system on the edge cases; they must agree row by row and meet
+    EDGE_EXPECTATIONS."""
+    from pyspark.sql import functions as F
+
+    from microseg import lake
+    from microseg.config import load_config
+
+    lake_root = Path(args.work) / "self-check-lake"
+    shutil.rmtree(lake_root, ignore_errors=True)
+    cfg = load_config(args.conf, [f"lake.root={lake_root}", *args.sets])
+    spark = spark_session(args, cfg, spark_holder)
+    rows = _edge_case_events()
+    schema = (
+        "event_id string, event_time timestamp, event_type string, user_id string, "
+        "anonymous_id string, product_id string, price double, quantity int, page_url string, "
+        "device string, country string, utm_source string"
+    )
+    df = spark.createDataFrame(rows, schema)
+    filled = {
+        "category": F.concat(F.lit("cat-"), F.col("product_id")),
+        "currency": F.lit("EUR"),
+        "event_date": F.to_date("event_time"),
+        "source": F.lit("self-check"),
+        "source_file": F.lit("self-check"),
+        "source_line": F.monotonically_increasing_id() + 1,
+        "ingested_at": F.current_timestamp(),
+        "ingest_run_id": F.lit("self-check"),
+    }
+    for column in lake.EVENTS.schema.fields:
+        if column.name not in df.columns:
+            df = df.withColumn(column.name, filled.get(column.name, F.lit(None)))
+    lake.overwrite(spark, str(lake_root), lake.EVENTS, df)
+    data = Dataset(
+        requested=0,
+        events=len(rows),
+        users=0,
+        data_dir=lake_root,
+        lake_root=lake_root,
+        cfg=cfg,
+    )
+    runs = run_stage(args, "sessionize", data, spark_holder)
+    ok = True
+    print("\n== self-check on hand-made edge cases ==")
+    for run in runs:
+        failures = list(run.disagreements)
+        if run.output is not None and run.error is None:
+            con = duckdb_connect(args)
+            try:
+                parquet_view(con, "s", delta_files(run.output))
+                for what, sql, expected in EDGE_EXPECTATIONS:
+                    got = con.execute(f"SELECT {sql} FROM s").fetchone()[0]
+                    same = (
+                        _close(float(got), expected)
+                        if isinstance(expected, float) and got is not None
+                        else got == expected
+                    )
+                    if not same:
+                        failures.append(f"{what}: got {got!r}, expected {expected!r}")
+            finally:
+                con.close()
+        verdict = "SKIPPED" if run.skipped else ("FAIL" if failures else "PASS")
+        ok &= verdict != "FAIL"
+        sessions = (run.summary or {}).get("sessions")
+        print(f"{run.system:10s} {verdict}  ({sessions} sessions of {len(rows)} events)")
+        for failure in failures:
+            print(f"{'':12s}{failure}")
+    return ok
 
 
 # --------------------------------------------------------------------------------------
@@ -723,6 +921,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duckdb-memory", default="6GB", help="DuckDB memory_limit")
     parser.add_argument("--duckdb-batch-rows", type=int, default=131_072)
     parser.add_argument("--no-row-diff", action="store_true", help="compare sums only")
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="first run every system on hand-made edge cases (exact-timeout gaps, visits "
+        "longer than the maximum, identity conflicts) and check them",
+    )
+    parser.add_argument("--self-check-only", action="store_true", help="only the self-check")
     args = parser.parse_args(argv)
     args.sets = [*DEFAULT_SETS, *args.extra_sets]
     args.work = str(Path(args.work).resolve())
@@ -748,6 +953,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     ok = True
     base = None  # (events, microseg seconds) of the smallest size
+    if args.self_check or args.self_check_only:
+        ok &= self_check(args, spark_holder)
+        if args.self_check_only:
+            print("SELF-CHECK PASSED" if ok else "SELF-CHECK FAILED")
+            return 0 if ok else 1
     for size in args.events:
         data = prepare(args, size, spark_holder)
         for stage_name in args.stages:

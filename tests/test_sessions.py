@@ -377,3 +377,24 @@ def test_random_batches_in_random_order_equal_one_full_run(spark, tmp_path):
         ignore_nullable=True,
     )
     assert current_sessions(spark, full).count() > 30
+
+
+def test_duplicate_events_never_count_twice(spark, tmp_path, key_env):
+    import json
+
+    from tests.test_ingest import NOW, record, write_lines
+
+    from microseg.ingest import run_ingest
+
+    cfg = make_config(tmp_path)
+    lines = [
+        json.dumps(record("d1", ts="2026-09-10T10:00:00Z")),
+        json.dumps(record("d2", ts="2026-09-10T10:05:00Z", type_="add_to_cart", qty=1)),
+    ]
+    write_lines(tmp_path / "in1" / "a.jsonl", lines)
+    write_lines(tmp_path / "in2" / "b.jsonl", lines)  # the same two events again, another file
+    run_ingest(spark, cfg, source="synthetic", path=str(tmp_path / "in1"), now=NOW)
+    run_ingest(spark, cfg, source="synthetic", path=str(tmp_path / "in2"), now=NOW)
+    run_sessionize(spark, cfg)
+    got = current_sessions(spark, cfg).select("user_key", "events", "product_views", "cart_adds")
+    assert [tuple(r) for r in got.collect()] == [("u1", 2, 1, 1)]
