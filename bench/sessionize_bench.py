@@ -66,6 +66,7 @@ class Dataset:
     generated_now: bool = False
     ingested_now: bool = False
     prepare_seconds: dict[str, float] = field(default_factory=dict)
+    load_before: list[float] = field(default_factory=list)  # 1/5/15 min load averages
 
 
 def _manifest_events(manifest: dict) -> int:
@@ -272,7 +273,13 @@ def duckdb_sessionize(ctx: Context) -> tuple[Path, dict]:
         con.execute(f"SET VARIABLE max_session_length_s = {max_len_s!r}::DOUBLE")
         con.execute(DUCKDB_SQL.read_text())
         reader = con.sql("SELECT * FROM sessions").to_arrow_reader(ctx.args.duckdb_batch_rows)
-        write_deltalake(str(out), reader, mode="overwrite", partition_by=["session_date"])
+        write_deltalake(
+            str(out),
+            reader,
+            mode="overwrite",
+            schema_mode="overwrite",
+            partition_by=["session_date"],
+        )
     finally:
         con.close()
     return out, {"input_files": len(files), "output_format": "delta (deltalake.write_deltalake)"}
@@ -480,6 +487,7 @@ def run_stage(args, stage_name: str, data: Dataset, spark_holder: dict) -> list[
     stage = STAGES[stage_name]
     ctx = Context(args=args, data=data, spark_holder=spark_holder)
     runs = []
+    data.load_before = [round(x, 2) for x in os.getloadavg()]
     for name in args.systems:
         system = stage.systems[name]
         run = Run(system=name)
@@ -526,7 +534,12 @@ def check(args, stage: Stage, runs: list[Run]) -> None:
         for right in done[i + 1 :]:
             problems = [f"sum {p}" for p in stage.diff_sums(left.summary, right.summary)]
             if stage.diff_rows is not None and not args.no_row_diff:
-                rows = stage.diff_rows(args, left.output, right.output)
+                try:
+                    rows = stage.diff_rows(args, left.output, right.output)
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    rows = {"only_left": "?", "only_right": "?", "differing": "?"}
+                    rows["examples"] = [f"comparison failed: {type(exc).__name__}: {exc}"]
                 if rows["only_left"] or rows["only_right"] or rows["differing"]:
                     problems.append(
                         f"rows: {rows['only_left']} only in {left.system}, "
@@ -696,7 +709,8 @@ def self_check(args, spark_holder: dict) -> bool:
         lake_root=lake_root,
         cfg=cfg,
     )
-    runs = run_stage(args, "sessionize", data, spark_holder)
+    once = argparse.Namespace(**{**vars(args), "repeat": 1})
+    runs = run_stage(once, "sessionize", data, spark_holder)
     ok = True
     print("\n== self-check on hand-made edge cases ==")
     for run in runs:
@@ -798,6 +812,7 @@ def size_result(data: Dataset, runs: list[Run], base: tuple[int, float] | None) 
             "ingested_now": data.ingested_now,
             "seconds": data.prepare_seconds,
         },
+        "load_average_before": data.load_before,
         "systems": {
             r.system: {
                 "seconds": r.seconds,
@@ -849,7 +864,9 @@ def print_size(result: dict) -> None:
     )
 
 
-def write_markdown(path: Path, results: list[dict], machine: dict, started: str) -> None:
+def write_markdown(
+    path: Path, results: list[dict], machine: dict, started: str, self_checked: bool | None
+) -> None:
     def cell(v, fmt="{:,.1f}"):
         return "-" if v is None else fmt.format(v)
 
@@ -884,7 +901,17 @@ def write_markdown(path: Path, results: list[dict], machine: dict, started: str)
             f"| {cell(r['naive_over_microseg'], '{:.2f}x')} "
             f"| {cell(r['microseg_seconds_per_event_vs_smallest'], '{:.2f}')} | {verdicts} |"
         )
-    lines += ["", "Machine:", ""]
+    lines += [
+        "",
+        "Self-check on hand-made edge cases (--self-check): "
+        + {None: "not run", True: "PASS", False: "FAIL"}[self_checked],
+        "",
+        "Load average (1, 5, 15 min) before each size: "
+        + "; ".join(f"{r['events']:,}: {r['load_average_before']}" for r in results),
+        "",
+        "Machine:",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     path.write_text("\n".join(lines) + "\n")
 
@@ -896,9 +923,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--events", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument(
+        "--events", type=int, nargs="+", default=[1_000_000], help="sizes (about N events)"
+    )
     parser.add_argument("--work", default=str(BENCH / "work"), help="data, lakes, DuckDB spill")
-    parser.add_argument("--results", default=str(BENCH / "results"))
+    parser.add_argument("--results", default=str(BENCH / "results"), help="JSON and markdown")
     parser.add_argument("--conf", default=str(ROOT / "conf" / "local.yaml"))
     parser.add_argument(
         "--set",
@@ -908,7 +937,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help=f"config override, repeatable; applied after {DEFAULT_SETS}",
     )
-    parser.add_argument("--naive-max-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--naive-max-events", type=int, default=1_000_000, help="skip naive above this size"
+    )
     parser.add_argument(
         "--systems",
         nargs="+",
@@ -953,8 +984,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     ok = True
     base = None  # (events, microseg seconds) of the smallest size
+    self_checked = None
     if args.self_check or args.self_check_only:
-        ok &= self_check(args, spark_holder)
+        self_checked = self_check(args, spark_holder)
+        ok &= self_checked
         if args.self_check_only:
             print("SELF-CHECK PASSED" if ok else "SELF-CHECK FAILED")
             return 0 if ok else 1
@@ -978,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     session_results = [r for r in results if r["stage"] == "sessionize"]
     if session_results:
         summary = results_dir / "sessionize.md"
-        write_markdown(summary, session_results, session_results[-1]["machine"], started)
+        machine = session_results[-1]["machine"]
+        write_markdown(summary, session_results, machine, started, self_checked)
         print(f"wrote {summary}")
     print("ALL AGREE" if ok else "DISAGREEMENT OR FAILURE (see above)")
     return 0 if ok else 1

@@ -269,11 +269,15 @@ def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> S
                 max_session_length=conf.max_session_length,
             ).persist()
             lake.overwrite(spark, root, lake.SESSIONS, sessions_df)
-            report.sessions_written = sessions_df.count()
-            report.split_visits = sessions_df.filter(F.col("visit_part") == 1).count()
-            report.users_touched = sessions_df.select("user_key").distinct().count()
-            report.new_events = events_df.count()
+            totals = sessions_df.agg(
+                F.count(F.lit(1)),
+                F.count(F.when(F.col("visit_part") == 1, 1)),
+                F.approx_count_distinct("user_key"),
+                F.sum("events"),
+            ).first()
             sessions_df.unpersist()
+            report.sessions_written, report.split_visits = totals[0], totals[1]
+            report.users_touched, report.new_events = totals[2], totals[3] or 0
         else:
             _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, report)
         lake.overwrite(
