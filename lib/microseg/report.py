@@ -71,7 +71,7 @@ def print_sessionize_report(report) -> None:
         return
     table = Table(
         "new events",
-        "user keys rebuilt (approx. in full runs)",
+        "user keys rebuilt",
         "sessions written",
         "sessions removed",
         "visits cut at max length",

@@ -272,7 +272,7 @@ def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> S
             totals = sessions_df.agg(
                 F.count(F.lit(1)),
                 F.count(F.when(F.col("visit_part") == 1, 1)),
-                F.approx_count_distinct("user_key"),
+                F.count_distinct("user_key"),
                 F.sum("events"),
             ).first()
             sessions_df.unpersist()
