@@ -50,7 +50,6 @@ IDENTITY_MAP = Table(
 SESSIONS = Table(
     "silver/sessions",
     schemas.SESSIONS,
-    partition_by=("session_date",),
     comment="One row per session; session_id deterministic.",
 )
 USER_FEATURES = Table(
@@ -137,16 +136,18 @@ def read_watermark(spark: SparkSession, root: str, job: str):
 
 
 def write_watermark(spark: SparkSession, root: str, job: str, watermark, run_id: str) -> None:
-    target = ensure_table(spark, root, WATERMARKS)
+    """Set the job's watermark: one small atomic overwrite of the job's row."""
+    ensure_table(spark, root, WATERMARKS)
     row_df = spark.createDataFrame(
         [(job, watermark, run_id)], "job string, watermark timestamp, run_id string"
     ).withColumn("updated_at", F.current_timestamp())
     (
-        target.alias("t")
-        .merge(conform(row_df, WATERMARKS).alias("s"), "t.job = s.job")
-        .whenMatchedUpdateAll()
-        .whenNotMatchedInsertAll()
-        .execute()
+        conform(row_df, WATERMARKS)
+        .coalesce(1)
+        .write.format("delta")
+        .mode("overwrite")
+        .option("replaceWhere", f"job = '{job}'")
+        .save(table_path(root, WATERMARKS))
     )
 
 

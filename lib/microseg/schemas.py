@@ -157,7 +157,7 @@ SESSIONS = T.StructType(
             "Start of the visit (inactivity-gap session) it belongs to",
         ),
         _field("first_event_id", STRING, False, "event_id of the first event"),
-        _field("session_date", T.DateType(), False, "UTC date of session_start; partition column"),
+        _field("session_date", T.DateType(), False, "UTC date of session_start"),
     ]
 )
 

@@ -26,6 +26,8 @@ from microseg import lake
 from microseg.config import Config
 
 ANON_PREFIX = "anon:"
+JOB = "sessionize"
+BROADCAST_IDENTITIES = 2_000_000  # identity maps up to this many rows are broadcast
 
 
 # --------------------------------------------------------------------------------------
@@ -49,13 +51,19 @@ def identity_map(events_df: DataFrame) -> DataFrame:
     )
 
 
-def with_user_key(events_df: DataFrame, identity_df: DataFrame) -> DataFrame:
-    """events_df plus `user_key` (see the module docstring); events with no id get none."""
+def with_user_key(
+    events_df: DataFrame, identity_df: DataFrame, *, broadcast: bool = False
+) -> DataFrame:
+    """events_df plus `user_key` (see the module docstring); events with no id get none.
+
+    `broadcast` ships the identity map to every task instead of shuffling the events: right
+    when the map is small (up to a few million ids).
+    """
     mapping_df = identity_df.select(
         F.col("anonymous_id").alias("_map_anonymous_id"), F.col("user_key").alias("_mapped_key")
     )
     joined_df = events_df.join(
-        mapping_df,
+        F.broadcast(mapping_df) if broadcast else mapping_df,
         (events_df.user_id.isNull()) & (events_df.anonymous_id == mapping_df._map_anonymous_id),
         how="left",
     )
@@ -104,11 +112,15 @@ def sessionize(
         "_new_visit",
         F.when(prev_seconds.isNull() | (seconds - prev_seconds > timeout_s), 1).otherwise(0),
     )
-    visit_df = flagged_df.withColumn(
-        "_visit", F.sum("_new_visit").over(by_user.rowsBetween(Window.unboundedPreceding, 0))
-    )
-    by_visit = Window.partitionBy("user_key", "_visit")
-    piece_df = visit_df.withColumn("visit_start", F.min("event_time").over(by_visit)).withColumn(
+    # Same partitioning and order as the flags, so Spark sorts the events once.
+    running = by_user.rowsBetween(Window.unboundedPreceding, 0)
+    piece_df = flagged_df.select(
+        "*",
+        F.sum("_new_visit").over(running).alias("_visit"),
+        F.last(F.when(F.col("_new_visit") == 1, F.col("event_time")), ignorenulls=True)
+        .over(running)
+        .alias("visit_start"),
+    ).withColumn(
         "_piece",
         F.floor((seconds - F.unix_micros("visit_start") / 1e6) / max_len_s).cast("int"),
     )
@@ -131,8 +143,9 @@ def sessionize(
         _count_type("add_to_wishlist").alias("wishlist_adds"),
         _count_type("checkout_started").alias("checkouts"),
         _count_type("purchase").alias("purchase_events"),
-        F.count_distinct("product_id").cast("int").alias("distinct_products"),
-        F.count_distinct("category").cast("int").alias("distinct_categories"),
+        # size(collect_set) rather than count_distinct: no Expand, no extra shuffle
+        F.size(F.collect_set("product_id")).alias("distinct_products"),
+        F.size(F.collect_set("category")).alias("distinct_categories"),
         _first(F.col("page_url"), order).alias("landing_page"),
         _last(F.col("page_url"), order).alias("exit_page"),
         _first(F.col("product_id"), order).alias("landing_product"),
@@ -259,27 +272,36 @@ def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> S
         if lake.table_exists(spark, root, lake.IDENTITY_MAP)
         else None
     )
-    report.identity_conflicts = identity_df.filter("is_conflict").count()
+    identities, report.identity_conflicts = identity_df.agg(
+        F.count(F.lit(1)), F.count(F.when(F.col("is_conflict"), 1))
+    ).first()
+    small_map = identities <= BROADCAST_IDENTITIES
     try:
         if watermark is None:
             report.mode = "full"
             sessions_df = sessionize(
-                with_user_key(events_df, identity_df),
+                with_user_key(events_df, identity_df, broadcast=small_map),
                 inactivity_timeout=conf.inactivity_timeout,
                 max_session_length=conf.max_session_length,
-            ).persist()
+            )
             lake.overwrite(spark, root, lake.SESSIONS, sessions_df)
-            totals = sessions_df.agg(
-                F.count(F.lit(1)),
-                F.count(F.when(F.col("visit_part") == 1, 1)),
-                F.count_distinct("user_key"),
-                F.sum("events"),
-            ).first()
-            sessions_df.unpersist()
+            # the run's counts from the (small) table just written, not a second computation
+            totals = (
+                lake.read_table(spark, root, lake.SESSIONS)
+                .agg(
+                    F.count(F.lit(1)),
+                    F.count(F.when(F.col("visit_part") == 1, 1)),
+                    F.count_distinct("user_key"),
+                    F.sum("events"),
+                )
+                .first()
+            )
             report.sessions_written, report.split_visits = totals[0], totals[1]
             report.users_touched, report.new_events = totals[2], totals[3] or 0
         else:
-            _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, report)
+            _incremental(
+                spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
+            )
         lake.overwrite(
             spark,
             root,
@@ -292,13 +314,14 @@ def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> S
     return report
 
 
-JOB = "sessionize"
-
-
-def _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, report) -> None:
+def _incremental(
+    spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
+) -> None:
     root, conf = cfg.lake.root, cfg.sessions
     since = watermark - conf.lookback
-    new_df = with_user_key(events_df.filter(F.col("ingested_at") > F.lit(since)), identity_df)
+    new_df = with_user_key(
+        events_df.filter(F.col("ingested_at") > F.lit(since)), identity_df, broadcast=small_map
+    )
     touched_df = new_df.groupBy("user_key").agg(F.min("event_time").alias("t_min"))
     if previous_df is not None:
         # identities that changed: both the old and the new key are rebuilt from the start
@@ -327,7 +350,7 @@ def _incremental(spark, cfg, events_df, identity_df, previous_df, watermark, rep
     try:
         report.users_touched = ranges_df.count()
         report.new_events = events_df.filter(F.col("ingested_at") > F.lit(watermark)).count()
-        keyed_df = with_user_key(events_df, identity_df).join(
+        keyed_df = with_user_key(events_df, identity_df, broadcast=small_map).join(
             F.broadcast(ranges_df) if report.users_touched < 100_000 else ranges_df,
             on="user_key",
             how="inner",
