@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -181,3 +182,23 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["features", *common, "--as-of", "yesterday"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+    reason="needs root, unshare and ip to cut the network",
+)
+def test_runs_offline_once_the_jars_are_cached(spark, tmp_path):
+    """With the Delta JARs cached (the session fixture made sure), no network is needed."""
+    settings = " ".join(f"--set {s}" for s in TEST_SETTINGS)
+    script = (
+        f"ip link set lo up && {sys.executable} -m microseg ingest --conf conf/local.yaml "
+        f"{settings} --set lake.root={tmp_path / 'lake'} --source taobao "
+        f"--path {DATA / 'taobao-userbehavior-excerpt.csv'}"
+    )
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2,000" in result.stdout
