@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from microseg.config import GenerateConfig
+from microseg.config import DEFAULT_EVENT_TYPES, GenerateConfig
 
 __all__ = [
     "EVENT_TYPES",
@@ -76,16 +76,7 @@ SHARED_ANON_SHARE = 0.005
 N_PRODUCTS = 5_000
 SHOP = "https://shop.example.com"
 
-EVENT_TYPES = (
-    "page_view",
-    "product_view",
-    "search",
-    "add_to_cart",
-    "remove_from_cart",
-    "add_to_wishlist",
-    "checkout_started",
-    "purchase",
-)
+EVENT_TYPES = DEFAULT_EVENT_TYPES  # the generator's type codes index this tuple
 PAGE_VIEW, PRODUCT_VIEW, SEARCH, ADD_TO_CART, REMOVE_FROM_CART, WISHLIST, CHECKOUT, PURCHASE = (
     range(8)
 )
