@@ -42,6 +42,18 @@ def cli(tmp_path, *args, env=None, module=True, timeout=600):
     )
 
 
+def job_args(tmp_path, *args):
+    """CLI arguments for an in-process run against a per-test lake with the test settings."""
+    return [
+        *args,
+        "--conf",
+        "conf/local.yaml",
+        *[a for s in TEST_SETTINGS for a in ("--set", s)],
+        "--set",
+        f"lake.root={tmp_path / 'lake'}",
+    ]
+
+
 def test_module_and_console_script_list_commands():
     for command in (
         [sys.executable, "-m", "microseg", "--help"],
@@ -56,20 +68,7 @@ def test_module_and_console_script_list_commands():
 def test_job_failure_exits_1_with_one_line(spark, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    status = main(
-        [
-            "ingest",
-            "--conf",
-            "conf/local.yaml",
-            *[a for s in TEST_SETTINGS for a in ("--set", s)],
-            "--set",
-            f"lake.root={tmp_path / 'lake'}",
-            "--source",
-            "rees46",
-            "--path",
-            str(bad),
-        ]
-    )
+    status = main(job_args(tmp_path, "ingest", "--source", "rees46", "--path", str(bad)))
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert err[-1].startswith(
@@ -79,17 +78,7 @@ def test_job_failure_exits_1_with_one_line(spark, tmp_path, capsys):
 
 def test_missing_input_exits_2(spark, tmp_path, capsys):
     status = main(
-        [
-            "ingest",
-            "--conf",
-            "conf/local.yaml",
-            "--set",
-            f"lake.root={tmp_path / 'lake'}",
-            "--source",
-            "rees46",
-            "--path",
-            str(tmp_path / "none.csv"),
-        ]
+        job_args(tmp_path, "ingest", "--source", "rees46", "--path", str(tmp_path / "none.csv"))
     )
     assert status == 2
     assert (
@@ -160,27 +149,20 @@ def test_spark_submit_runs_the_job(spark, tmp_path):
 
 
 def test_pipeline_commands_in_process(spark, tmp_path, capsys):
-    common = [
-        "--conf",
-        "conf/local.yaml",
-        *[a for s in TEST_SETTINGS for a in ("--set", s)],
-        "--set",
-        f"lake.root={tmp_path / 'lake'}",
-    ]
     taobao = str(DATA / "taobao-userbehavior-excerpt.csv")
-    assert main(["ingest", *common, "--source", "taobao", "--path", taobao]) == 0
-    assert main(["sessionize", *common]) == 0
+    assert main(job_args(tmp_path, "ingest", "--source", "taobao", "--path", taobao)) == 0
+    assert main(job_args(tmp_path, "sessionize")) == 0
     assert "mode=full" in capsys.readouterr().out
-    assert main(["sessionize", *common]) == 0
+    assert main(job_args(tmp_path, "sessionize")) == 0
     assert "mode=nothing new" in capsys.readouterr().out
-    assert main(["features", *common, "--as-of", "2017-12-04"]) == 0
+    assert main(job_args(tmp_path, "features", "--as-of", "2017-12-04")) == 0
     assert "as of 2017-12-04 00:00:00 UTC: 30 users" in capsys.readouterr().out
-    assert main(["status", *common]) == 0
+    assert main(job_args(tmp_path, "status")) == 0
     out = capsys.readouterr().out
     for table in ("bronze/events", "silver/sessions", "silver/identity_map", "gold/user_features"):
         assert table in out
     with pytest.raises(SystemExit) as exit_info:
-        main(["features", *common, "--as-of", "yesterday"])
+        main(job_args(tmp_path, "features", "--as-of", "yesterday"))
     assert exit_info.value.code == 2
 
 

@@ -372,9 +372,12 @@ def _incremental(
             .unionByName(stale_df.withColumn("_remove", F.lit(True)), allowMissingColumns=True)
         )
         changes_df = changes_df.persist()
-        report.sessions_written = changes_df.filter(~F.col("_remove")).count()
-        report.sessions_removed = changes_df.filter(F.col("_remove")).count()
-        report.split_visits = changes_df.filter(F.col("visit_part") == 1).count()
+        counts = changes_df.agg(
+            F.count(F.when(~F.col("_remove"), 1)),
+            F.count(F.when(F.col("_remove"), 1)),
+            F.count(F.when(F.col("visit_part") == 1, 1)),
+        ).first()
+        report.sessions_written, report.sessions_removed, report.split_visits = counts
         target = lake.ensure_table(spark, root, lake.SESSIONS)
         (
             target.alias("t")
