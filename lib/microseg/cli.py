@@ -137,6 +137,67 @@ def _features(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _segments_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=("run", "validate", "show"),
+        help="run: publish members as of --as-of; validate: check the segment file; "
+        "show ID: a segment's definition, version and history",
+    )
+    parser.add_argument("segment_id", nargs="?", help="segment id (for show)")
+    parser.add_argument("--as-of", type=_as_of, help="point in time (for run)")
+    parser.add_argument("--file", help="segment file (default: segments.file)")
+
+
+def _segments(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg import report, rules
+
+    if args.action == "run" and args.as_of is None:
+        raise ConfigError("segments run needs --as-of TIME")
+    if args.action == "show" and not args.segment_id:
+        raise ConfigError("segments show needs a segment id")
+    try:
+        catalog = rules.load_segments(cfg, args.file)
+        if args.action == "validate":
+            _check_sql_without_data(cfg, catalog)
+            report.print_segment_validation(catalog)
+            return 0
+    except rules.SegmentFileError as exc:
+        for problem in exc.problems:
+            print(f"microseg segments: {problem}", file=sys.stderr)
+        return 2
+    from microseg.segments import run_segments
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments")
+    if args.action == "show":
+        try:
+            catalog[args.segment_id]
+        except KeyError:
+            raise ConfigError(
+                f"no segment '{args.segment_id}' in {catalog.path} "
+                f"(ids: {', '.join(catalog.ids())})"
+            ) from None
+        report.print_segment(spark, cfg, catalog, args.segment_id)
+        return 0
+    report.print_segments_report(run_segments(spark, cfg, as_of=args.as_of, path=args.file))
+    return 0
+
+
+def _check_sql_without_data(cfg: Config, catalog) -> None:
+    """sql conditions are checked by Spark's analyzer on an empty frame (no job runs)."""
+    from microseg import rules
+    from microseg.segments import _sql_conditions, check_sql, feature_frame_schema
+
+    if not any(_sql_conditions(s.condition) for s in catalog.segments):
+        return
+    from microseg.spark import build_spark
+
+    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments-validate")
+    schema = feature_frame_schema(rules.available_features(cfg))
+    check_sql(catalog, spark.createDataFrame([], schema))
+
+
 def _status(cfg: Config, args: argparse.Namespace) -> int:
     from pyspark.sql import functions as F
 
@@ -186,6 +247,12 @@ COMMANDS: dict[str, Command] = {
             "compute gold/user_features as of a point in time",
             _features_arguments,
             _features,
+        ),
+        Command(
+            "segments",
+            "rule segments: run --as-of T, validate, show ID",
+            _segments_arguments,
+            _segments,
         ),
         Command(
             "status",

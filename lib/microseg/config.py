@@ -128,6 +128,10 @@ class FeaturesConfig(Strict):
     )
 
 
+class SegmentsConfig(Strict):
+    file: str = Field("conf/segments.yaml", description="The segment rules (see README).")
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -162,6 +166,7 @@ class Config(Strict):
     ingest: IngestConfig = IngestConfig()
     sessions: SessionsConfig = SessionsConfig()
     features: FeaturesConfig = FeaturesConfig()
+    segments: SegmentsConfig = SegmentsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -36,6 +36,7 @@ class Feature:
     name: str
     description: str
     expression: Callable[[], Column]  # over the per-user aggregate frame (see _aggregates)
+    kind: str = "number"  # or "string": what segment rules may compare it with
 
 
 def _ratio(numerator: str, denominator: str) -> Callable[[], Column]:
@@ -115,6 +116,7 @@ def _feature_catalog() -> list[Feature]:
             "top_category",
             "Category with the most events (ties: alphabetically first)",
             _col("_top_category"),
+            kind="string",
         ),
         Feature(
             "top_category_share",
@@ -139,6 +141,11 @@ def _feature_catalog() -> list[Feature]:
             )
             for d in DEVICES
         ],
+        Feature(
+            "campaign_session_share",
+            "Share of sessions whose first event carries a utm_campaign (sale and ad traffic)",
+            _ratio("_campaign_sessions", "_sessions_lifetime"),
+        ),
         Feature(
             "recency_score",
             "RFM R: 5 = bought most recently (quintiles of days_since_last_purchase among buyers); "
@@ -220,6 +227,7 @@ def _session_aggregates(sessions_df: DataFrame, as_of: datetime) -> DataFrame:
             .alias(f"_abandoned_{w}"),
         ]
     aggs += [F.count(F.when(F.col("device") == d, 1)).alias(f"_{d}_sessions") for d in DEVICES]
+    aggs.append(F.count(F.when(F.col("utm_campaign").isNotNull(), 1)).alias("_campaign_sessions"))
     return sessions_df.groupBy("user_key").agg(*aggs)
 
 

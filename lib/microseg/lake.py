@@ -119,7 +119,35 @@ def insert_new(
     )
 
 
-ALL_TABLES = (EVENTS, QUARANTINE, INGESTED_FILES, IDENTITY_MAP, SESSIONS, USER_FEATURES, WATERMARKS)
+SEGMENT_MEMBERSHIP = Table(
+    "gold/segment_membership",
+    schemas.SEGMENT_MEMBERSHIP,
+    properties={"delta.enableChangeDataFeed": "true"},
+    comment="Segment membership history: one row per user, segment and validity interval.",
+)
+SEGMENT_CHANGES = Table(
+    "gold/segment_changes",
+    schemas.SEGMENT_CHANGES,
+    comment="One row per user entering or leaving a segment.",
+)
+SEGMENT_CATALOG = Table(
+    "gold/segment_catalog",
+    schemas.SEGMENT_CATALOG,
+    comment="Per as-of and segment: definition, version, size, status, overlap.",
+)
+
+ALL_TABLES = (
+    EVENTS,
+    QUARANTINE,
+    INGESTED_FILES,
+    IDENTITY_MAP,
+    SESSIONS,
+    USER_FEATURES,
+    SEGMENT_MEMBERSHIP,
+    SEGMENT_CHANGES,
+    SEGMENT_CATALOG,
+    WATERMARKS,
+)
 
 
 def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from microseg.ingest import REASONS, IngestReport
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 def print_ingest_report(report: IngestReport) -> None:
@@ -133,4 +135,77 @@ def print_features_report(spark, cfg, report, examples: int = 3) -> None:
     for name in shown:
         values = [r[name] for r in rows]
         table.add_row(name, *[f"{v:.2f}" if isinstance(v, float) else str(v) for v in values])
+    console.print(table)
+
+
+def print_segment_validation(catalog) -> None:
+    table = Table("segment", "parent", "exclusive", "min size", "version", "streaming")
+    for segment in catalog.segments:
+        capable, why = catalog.streaming_capable(segment.id)
+        table.add_row(
+            segment.id,
+            segment.parent or "",
+            f"{segment.exclusive_group} #{segment.priority}" if segment.exclusive_group else "",
+            str(segment.min_size or ""),
+            catalog.version(segment.id),
+            "yes" if capable else f"no: {why}",
+        )
+    console.print(table)
+    console.print(f"{catalog.path}: {len(catalog.segments)} segments, no problems")
+
+
+def print_segments_report(report) -> None:
+    console.print(
+        f"[bold]segments[/bold] as of {report.as_of.isoformat()}Z run={report.run_id} "
+        f"users={report.users:,}"
+    )
+    table = Table("segment", "status", "matched", "size", "entered", "exited", "stability")
+    for s in report.segments:
+        table.add_row(
+            s.segment_id,
+            s.status,
+            f"{s.matched:,}",
+            f"{s.size:,}",
+            f"{s.entered:,}",
+            f"{s.exited:,}",
+            "" if s.stability is None else f"{s.stability:.0%}",
+        )
+    console.print(table)
+    for s in report.segments:
+        if s.status_reason:
+            console.print(f"{s.segment_id}: {s.status_reason}")
+
+
+def print_segment(spark, cfg, catalog, segment_id: str) -> None:
+    import json
+
+    from microseg.segments import catalog_history
+
+    segment = catalog[segment_id]
+    capable, why = catalog.streaming_capable(segment_id)
+    console.print(
+        f"[bold]{segment.id}[/bold]: {segment.name} (version {catalog.version(segment_id)})"
+    )
+    if segment.description:
+        console.print(segment.description)
+    console.print(
+        f"defined at {catalog.path} line {segment.line}; streaming-capable: "
+        f"{'yes' if capable else 'no, ' + why}"
+    )
+    console.print(json.dumps(segment.definition, indent=2, sort_keys=True))
+    history = catalog_history(spark, cfg.lake.root, segment_id)
+    if history is None:
+        console.print("no runs yet")
+        return
+    table = Table("as of", "version", "status", "matched", "size", "entered", "exited")
+    for r in history.limit(20).collect():
+        table.add_row(
+            r.as_of.isoformat(),
+            r.definition_version,
+            r.status,
+            f"{r.matched:,}",
+            f"{r.size:,}",
+            f"{r.entered:,}",
+            f"{r.exited:,}",
+        )
     console.print(table)

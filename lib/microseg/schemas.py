@@ -180,3 +180,79 @@ USER_FEATURES_KEYS = T.StructType(
         _field("run_id", STRING, False, "Id of the features run"),
     ]
 )
+
+# gold/segment_membership: history of who was in which segment when (one row per interval).
+SEGMENT_MEMBERSHIP = T.StructType(
+    [
+        _field("user_key", STRING, False, "User key (see silver/sessions)"),
+        _field("segment_id", STRING, False, "Segment id (conf/segments.yaml, cluster or model)"),
+        _field("source", STRING, False, "What assigned it: rule, cluster or propensity"),
+        _field("definition_version", STRING, False, "Hash of the segment definition or model"),
+        _field("score", T.DoubleType(), True, "Score at entry (cluster distance, propensity)"),
+        _field("valid_from", TIMESTAMP, False, "as-of time of the run the user entered"),
+        _field("valid_to", TIMESTAMP, True, "as-of time of the run the user left; null if current"),
+        _field("is_current", T.BooleanType(), False, "valid_to is null"),
+        _field("run_id", STRING, False, "Run that opened the interval"),
+        _field("closed_by_run_id", STRING, True, "Run that closed it"),
+    ]
+)
+
+# gold/segment_changes: one row per enter or exit, what activation systems consume.
+SEGMENT_CHANGES = T.StructType(
+    [
+        _field("user_key", STRING, False, "User key"),
+        _field("segment_id", STRING, False, "Segment id"),
+        _field("source", STRING, False, "rule, cluster or propensity"),
+        _field("change", STRING, False, "enter or exit"),
+        _field(
+            "reason",
+            STRING,
+            False,
+            "rule_matched, parent_fallback, no_longer_matched, definition_changed, "
+            "below_minimum_size, segment_retired",
+        ),
+        _field("changed_at", TIMESTAMP, False, "as-of time of the run that saw the change"),
+        _field("definition_version", STRING, False, "Version after an enter, before an exit"),
+        _field("run_id", STRING, False, "Run that recorded it"),
+        _field("recorded_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)
+
+# gold/segment_catalog: per run (as-of) and segment, its definition, size and health.
+SEGMENT_CATALOG = T.StructType(
+    [
+        _field("as_of", TIMESTAMP, False, "as-of time of the run"),
+        _field("source", STRING, False, "rule, cluster or propensity"),
+        _field("segment_id", STRING, False, "Segment id"),
+        _field("name", STRING, False, "Readable name"),
+        _field("description", STRING, True, "What it is for"),
+        _field("tags", T.ArrayType(STRING), True, "Tags"),
+        _field("definition", STRING, False, "The definition as JSON"),
+        _field("definition_version", STRING, False, "Hash of the definition"),
+        _field("parent", STRING, True, "Parent segment id"),
+        _field("exclusive_group", STRING, True, "Exclusive group"),
+        _field("priority", T.IntegerType(), True, "Priority in the group (1 wins)"),
+        _field("min_size", STRING, True, "Minimum size: a count or a share such as 0.5%"),
+        _field("matched", T.LongType(), False, "Users matching the definition (before guards)"),
+        _field("size", T.LongType(), False, "Published members"),
+        _field(
+            "status",
+            STRING,
+            False,
+            "active, below_minimum_size, parent_not_published or retired",
+        ),
+        _field("status_reason", STRING, True, "Why it is not active, and where members went"),
+        _field("previous_size", T.LongType(), True, "Members at the previous run"),
+        _field("entered", T.LongType(), False, "Users who entered at this as-of"),
+        _field("exited", T.LongType(), False, "Users who left at this as-of"),
+        _field("stability", T.DoubleType(), True, "Share of the previous members kept"),
+        _field(
+            "overlap",
+            T.MapType(STRING, T.DoubleType()),
+            True,
+            "Jaccard index with every other segment published at this as-of",
+        ),
+        _field("run_id", STRING, False, "Run that recorded it"),
+        _field("recorded_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)

@@ -96,12 +96,12 @@ def _count_type(*types: str) -> Column:
     return F.count(F.when(F.col("event_type").isin(*types), F.lit(1))).cast("int")
 
 
-def sessionize(
+def label_sessions(
     keyed_events_df: DataFrame, *, inactivity_timeout: timedelta, max_session_length: timedelta
 ) -> DataFrame:
-    """Sessions of events carrying `user_key`, one row per session (see SESSION columns).
-
-    Events must be unique by event_id (bronze/events is). Times are UTC.
+    """Events carrying `user_key`, each labelled with its session: `_visit` (the n-th visit,
+    i.e. inactivity-gap session, of the user), `visit_start` and `_piece` (the cut of a visit
+    longer than the maximum session length). (user_key, _visit, _piece) identifies a session.
     """
     timeout_s = inactivity_timeout.total_seconds()
     max_len_s = max_session_length.total_seconds()
@@ -114,7 +114,7 @@ def sessionize(
     )
     # Same partitioning and order as the flags, so Spark sorts the events once.
     running = by_user.rowsBetween(Window.unboundedPreceding, 0)
-    piece_df = flagged_df.select(
+    return flagged_df.select(
         "*",
         F.sum("_new_visit").over(running).alias("_visit"),
         F.last(F.when(F.col("_new_visit") == 1, F.col("event_time")), ignorenulls=True)
@@ -123,6 +123,20 @@ def sessionize(
     ).withColumn(
         "_piece",
         F.floor((seconds - F.unix_micros("visit_start") / 1e6) / max_len_s).cast("int"),
+    )
+
+
+def sessionize(
+    keyed_events_df: DataFrame, *, inactivity_timeout: timedelta, max_session_length: timedelta
+) -> DataFrame:
+    """Sessions of events carrying `user_key`, one row per session (see SESSION columns).
+
+    Events must be unique by event_id (bronze/events is). Times are UTC.
+    """
+    piece_df = label_sessions(
+        keyed_events_df,
+        inactivity_timeout=inactivity_timeout,
+        max_session_length=max_session_length,
     )
     order = F.struct("event_time", "event_id")
     revenue = F.when(

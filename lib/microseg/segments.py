@@ -1,0 +1,373 @@
+"""Rule segments as of a point in time: evaluate, guard, publish (`microseg segments run`).
+
+For an as-of time T: the users are those with features as of T (gold/user_features); each
+segment's rule (its own conditions and its ancestors', see rules.segment_condition) is
+evaluated over their features and the event facts before T. Then the guards apply, parents
+before children:
+
+* minimum size: a segment matching fewer users than its min_size is not published (status
+  below_minimum_size); its members fall back to the parent, which they match too, since a
+  child refines its parent. Its descendants are not published either (parent_not_published).
+* exclusive groups: a user matching several published segments of one group is a member of
+  the one with the best priority (1 beats 2) only.
+
+The members go through membership.write_membership (source "rule"); gold/segment_catalog
+gets one row per segment with definition, version, sizes, status, entered/exited, stability
+and overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from microseg import lake, membership, rules
+from microseg.config import Config
+from microseg.features import keyed_events_before
+
+SOURCE = "rule"
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    segment_id: str
+    name: str
+    version: str
+    matched: int
+    size: int
+    status: str
+    status_reason: str | None
+    previous_size: int | None
+    entered: int
+    exited: int
+    stability: float | None
+
+
+@dataclass
+class SegmentsReport:
+    run_id: str
+    as_of: datetime
+    users: int
+    segments: list[SegmentResult]
+
+
+def _flag(segment_id: str) -> str:
+    return f"_m_{segment_id}"
+
+
+def check_sql(catalog: rules.SegmentCatalog, frame_df: DataFrame) -> None:
+    """Every sql condition must resolve over the feature columns and be boolean."""
+    problems = []
+    for segment in catalog.segments:
+        for condition in _sql_conditions(segment.condition):
+            where = f"{catalog.path} line {condition.line}: segment '{segment.id}': sql"
+            try:
+                dtype = frame_df.select(F.expr(condition.expression)).schema[0].dataType
+            except Exception as exc:  # noqa: BLE001 - Spark's analysis error, reworded
+                first = str(exc).strip().splitlines()[0][:300]
+                problems.append(f"{where}: {condition.expression!r} does not resolve: {first}")
+                continue
+            if not isinstance(dtype, T.BooleanType):
+                problems.append(
+                    f"{where}: {condition.expression!r} is {dtype.simpleString()}, not boolean"
+                )
+    if problems:
+        raise rules.SegmentFileError(problems)
+
+
+def _sql_conditions(condition: rules.Condition) -> list[rules.SqlCondition]:
+    if isinstance(condition, rules.SqlCondition):
+        return [condition]
+    return [c for child in rules._children(condition) for c in _sql_conditions(child)]
+
+
+def feature_frame_schema(features: dict[str, str]) -> T.StructType:
+    """An empty frame's schema with the feature columns (for checking sql without data)."""
+    types = {"number": T.DoubleType(), "string": T.StringType()}
+    return T.StructType(
+        [T.StructField("user_key", T.StringType())]
+        + [T.StructField(name, types[kind]) for name, kind in features.items()]
+    )
+
+
+def evaluate(catalog: rules.SegmentCatalog, frame_df: DataFrame, as_of: datetime) -> DataFrame:
+    """user_key and one boolean column `_m_<id>` per segment: does the user match it."""
+    as_of_col = F.lit(as_of)
+    return frame_df.select(
+        "user_key",
+        *[
+            rules.segment_condition(catalog, s.id, as_of_col).alias(_flag(s.id))
+            for s in catalog.segments
+        ],
+    )
+
+
+def guard(
+    catalog: rules.SegmentCatalog, matched: dict[str, int], users: int
+) -> dict[str, tuple[str, str | None]]:
+    """segment_id -> (status, reason), parents first."""
+    statuses: dict[str, tuple[str, str | None]] = {}
+    for segment in catalog.segments:
+        parent = segment.parent
+        if parent is not None and statuses[parent][0] != "active":
+            statuses[segment.id] = (
+                "parent_not_published",
+                f"parent '{parent}' is not published; members fall back to the nearest "
+                "published ancestor",
+            )
+            continue
+        if segment.min_size is not None:
+            needed = segment.min_size.threshold(users)
+            if matched[segment.id] < needed:
+                where = (
+                    f"members fall back to '{parent}'"
+                    if parent
+                    else "no parent: its members are in no segment from it"
+                )
+                statuses[segment.id] = (
+                    "below_minimum_size",
+                    f"{matched[segment.id]} users matched, minimum {needed} "
+                    f"(min_size {segment.min_size}); {where}",
+                )
+                continue
+        statuses[segment.id] = ("active", None)
+    return statuses
+
+
+def assign(
+    catalog: rules.SegmentCatalog,
+    flags_df: DataFrame,
+    statuses: dict[str, tuple[str, str | None]],
+) -> DataFrame:
+    """Members: user_key, segment_id, score (null for rules), fallback."""
+    published = [s for s in catalog.segments if statuses[s.id][0] == "active"]
+    groups: dict[str, list[rules.Segment]] = {}
+    for segment in published:
+        if segment.exclusive_group is not None:
+            groups.setdefault(segment.exclusive_group, []).append(segment)
+    winners: dict[str, Column] = {}
+    for group, members in groups.items():
+        winner = F.lit(None).cast("string")
+        for segment in sorted(members, key=lambda s: s.priority or 0, reverse=True):
+            winner = F.when(F.col(_flag(segment.id)), F.lit(segment.id)).otherwise(winner)
+        winners[group] = winner
+    entries = []
+    for segment in published:
+        member = F.col(_flag(segment.id))
+        if segment.exclusive_group is not None:
+            member = member & (winners[segment.exclusive_group] == segment.id)
+        unpublished_children = [
+            s.id
+            for s in catalog.segments
+            if s.id != segment.id
+            and statuses[s.id][0] != "active"
+            and segment in catalog.chain(s.id)
+        ]
+        fallback = F.lit(False)
+        for child in unpublished_children:
+            fallback = fallback | F.col(_flag(child))
+        entries.append(
+            F.when(
+                member,
+                F.struct(F.lit(segment.id).alias("segment_id"), fallback.alias("fallback")),
+            )
+        )
+    if not entries:
+        return flags_df.select(
+            "user_key",
+            F.lit(None).cast("string").alias("segment_id"),
+            F.lit(None).cast("double").alias("score"),
+            F.lit(False).alias("fallback"),
+        ).limit(0)
+    return (
+        flags_df.select("user_key", F.explode(F.array(*entries)).alias("m"))
+        .filter(F.col("m").isNotNull())
+        .select(
+            "user_key",
+            "m.segment_id",
+            F.lit(None).cast("double").alias("score"),
+            "m.fallback",
+        )
+    )
+
+
+def features_at(spark: SparkSession, cfg: Config, as_of: datetime) -> DataFrame:
+    root = cfg.lake.root
+    missing = FileNotFoundError(
+        f"no gold/user_features as of {as_of.isoformat()} under {root}: run "
+        f"`microseg features --as-of {as_of.isoformat()}Z` first"
+    )
+    if not lake.table_exists(spark, root, lake.USER_FEATURES):
+        raise missing
+    features_df = lake.read_table(spark, root, lake.USER_FEATURES).filter(
+        (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
+    )
+    if features_df.limit(1).count() == 0:
+        raise missing
+    return features_df
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+
+
+def run_segments(
+    spark: SparkSession, cfg: Config, *, as_of: datetime, path: str | None = None
+) -> SegmentsReport:
+    """Evaluate every rule segment as of `as_of` and publish the members."""
+    root = cfg.lake.root
+    as_of = _naive_utc(as_of)
+    catalog = rules.load_segments(cfg, path)
+    features_df = features_at(spark, cfg, as_of)
+    check_sql(catalog, features_df)
+    run_id = uuid.uuid4().hex
+    facts = catalog.facts()
+    facts_df = None
+    if facts:
+        keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of)
+        facts_df = rules.compute_facts(
+            keyed_df,
+            facts,
+            as_of=as_of,
+            inactivity_timeout=cfg.sessions.inactivity_timeout,
+            max_session_length=cfg.sessions.max_session_length,
+        )
+    frame_df = rules.with_facts(features_df, facts_df, facts)
+    flags_df = evaluate(catalog, frame_df, as_of).persist()
+    counts = flags_df.agg(
+        F.count(F.lit(1)).alias("_users"),
+        *[F.count(F.when(F.col(_flag(s.id)), 1)).alias(s.id) for s in catalog.segments],
+    ).first()
+    users = counts["_users"]
+    matched = {s.id: counts[s.id] for s in catalog.segments}
+    statuses = guard(catalog, matched, users)
+    versions = {s.id: catalog.version(s.id) for s in catalog.segments}
+    members_df = assign(catalog, flags_df, statuses)
+    stats = membership.write_membership(
+        spark,
+        root,
+        source=SOURCE,
+        as_of=as_of,
+        run_id=run_id,
+        members_df=members_df,
+        versions={sid: v for sid, v in versions.items() if statuses[sid][0] == "active"},
+        exit_reasons={
+            sid: "below_minimum_size" for sid, (st, _) in statuses.items() if st != "active"
+        },
+    )
+    flags_df.unpersist()
+    overlaps = membership.overlap(spark, root, as_of=as_of)
+    results = []
+    for segment in catalog.segments:
+        status, reason = statuses[segment.id]
+        stat = stats.get(segment.id)
+        results.append(
+            SegmentResult(
+                segment_id=segment.id,
+                name=segment.name,
+                version=versions[segment.id],
+                matched=matched[segment.id],
+                size=stat.size if stat else 0,
+                status=status,
+                status_reason=reason,
+                previous_size=stat.previous_size if stat else None,
+                entered=stat.entered if stat else 0,
+                exited=stat.exited if stat else 0,
+                stability=stat.stability if stat else None,
+            )
+        )
+    for segment_id, stat in stats.items():
+        if segment_id not in versions:
+            results.append(
+                SegmentResult(
+                    segment_id=segment_id,
+                    name=segment_id,
+                    version="",
+                    matched=0,
+                    size=stat.size,
+                    status="retired",
+                    status_reason=f"no longer in {catalog.path}",
+                    previous_size=stat.previous_size,
+                    entered=stat.entered,
+                    exited=stat.exited,
+                    stability=stat.stability,
+                )
+            )
+    _write_catalog(spark, root, catalog, results, overlaps, as_of=as_of, run_id=run_id)
+    return SegmentsReport(run_id=run_id, as_of=as_of, users=users, segments=results)
+
+
+def _write_catalog(
+    spark: SparkSession,
+    root: str,
+    catalog: rules.SegmentCatalog,
+    results: list[SegmentResult],
+    overlaps: dict[str, dict[str, float]],
+    *,
+    as_of: datetime,
+    run_id: str,
+) -> None:
+    rows = []
+    for result in results:
+        try:
+            segment: rules.Segment | None = catalog[result.segment_id]
+        except KeyError:
+            segment = None
+        rows.append(
+            {
+                "as_of": as_of,
+                "source": SOURCE,
+                "segment_id": result.segment_id,
+                "name": result.name,
+                "description": segment.description if segment else None,
+                "tags": list(segment.tags) if segment else [],
+                "definition": json.dumps(segment.definition if segment else {}, sort_keys=True),
+                "definition_version": result.version,
+                "parent": segment.parent if segment else None,
+                "exclusive_group": segment.exclusive_group if segment else None,
+                "priority": segment.priority if segment else None,
+                "min_size": str(segment.min_size) if segment and segment.min_size else None,
+                "matched": result.matched,
+                "size": result.size,
+                "status": result.status,
+                "status_reason": result.status_reason,
+                "previous_size": result.previous_size,
+                "entered": result.entered,
+                "exited": result.exited,
+                "stability": result.stability,
+                "overlap": overlaps.get(result.segment_id) if result.size else None,
+                "run_id": run_id,
+                "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
+            }
+        )
+    schema = lake.SEGMENT_CATALOG.schema
+    rows_df = spark.createDataFrame([[r[f.name] for f in schema.fields] for r in rows], schema)
+    target = lake.ensure_table(spark, root, lake.SEGMENT_CATALOG)
+    compared = ("definition_version", "matched", "size", "status", "entered", "exited")
+    (
+        target.alias("t")
+        .merge(
+            rows_df.alias("s"),
+            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
+        )
+        .whenMatchedUpdateAll(condition=" OR ".join(f"t.{c} <> s.{c}" for c in compared))
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def catalog_history(spark: SparkSession, root: str, segment_id: str) -> DataFrame | None:
+    if not DeltaTable.isDeltaTable(spark, lake.table_path(root, lake.SEGMENT_CATALOG)):
+        return None
+    return (
+        lake.read_table(spark, root, lake.SEGMENT_CATALOG)
+        .filter(F.col("segment_id") == segment_id)
+        .orderBy(F.desc("as_of"))
+    )
