@@ -31,6 +31,7 @@ REASONS = (
     "definition_changed",
     "below_minimum_size",
     "segment_retired",
+    "outranked_in_exclusive_group",
 )
 
 
@@ -66,15 +67,17 @@ def write_membership(
     members_df: DataFrame,
     versions: dict[str, str],
     exit_reasons: dict[str, str] | None = None,
+    held_df: DataFrame | None = None,
 ) -> dict[str, SegmentStats]:
     """Record the members of every segment of `source` as of `as_of`.
 
     members_df: user_key, segment_id, score (double, may be null), fallback (boolean: entered
     because a child segment was not published). versions: segment_id -> definition version
     for every segment the source publishes now; current members of any other segment of the
-    source exit with reason segment_retired. exit_reasons: segment_id -> reason for all its
-    exits in this run (e.g. below_minimum_size); the default is no_longer_matched, or
-    definition_changed when the segment's version changed.
+    source exit with reason segment_retired. The reason of an exit is, in this order: the
+    reason in held_df (user_key, segment_id, reason: users who still qualify but are held
+    back, e.g. below_minimum_size), exit_reasons[segment_id], definition_changed when the
+    segment's version changed, no_longer_matched.
     """
     exit_reasons = dict(exit_reasons or {})
     membership = lake.ensure_table(spark, root, lake.SEGMENT_MEMBERSHIP)
@@ -120,6 +123,13 @@ def write_membership(
     exit_reason = F.lit("no_longer_matched")
     for sid, reason in sorted(exit_reasons.items()):
         exit_reason = F.when(F.col("segment_id") == sid, reason).otherwise(exit_reason)
+    if held_df is not None:
+        exited_df = exited_df.join(
+            held_df.select(*user_segment, F.col("reason").alias("_held")),
+            on=user_segment,
+            how="left",
+        )
+        exit_reason = F.coalesce(F.col("_held"), exit_reason)
     common = {
         "source": F.lit(source),
         "changed_at": F.lit(as_of),
@@ -141,13 +151,17 @@ def write_membership(
             *[v.alias(k) for k, v in common.items()],
         )
     )
-    lake.insert_new(
-        spark,
-        root,
-        lake.SEGMENT_CHANGES,
-        changes_df,
-        ("user_key", "segment_id", "source", "changed_at", "change"),
-    )
+    changes_df = changes_df.persist()
+    if changes_df.limit(1).count():
+        lake.insert_new(
+            spark,
+            root,
+            lake.SEGMENT_CHANGES,
+            changes_df,
+            ("user_key", "segment_id", "source", "changed_at", "change"),
+        )
+    else:
+        lake.ensure_table(spark, root, lake.SEGMENT_CHANGES)
 
     opens_df = desired_df.join(state_df.select(*interval), on=interval, how="left_anti").select(
         *interval, "score", F.lit("open").alias("_action")
@@ -190,7 +204,7 @@ def write_membership(
             )
             .execute()
         )
-    for df in (actions_df, desired_df, state_df):
+    for df in (actions_df, changes_df, desired_df, state_df):
         df.unpersist()
     return segment_stats(spark, root, source=source, as_of=as_of)
 

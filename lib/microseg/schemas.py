@@ -208,8 +208,9 @@ SEGMENT_CHANGES = T.StructType(
             "reason",
             STRING,
             False,
-            "rule_matched, parent_fallback, no_longer_matched, definition_changed, "
-            "below_minimum_size, segment_retired",
+            "Enter: rule_matched, parent_fallback, definition_changed (or SOURCE_assigned). "
+            "Exit: no_longer_matched, definition_changed, below_minimum_size, "
+            "outranked_in_exclusive_group, segment_retired",
         ),
         _field("changed_at", TIMESTAMP, False, "as-of time of the run that saw the change"),
         _field("definition_version", STRING, False, "Version after an enter, before an exit"),

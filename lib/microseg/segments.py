@@ -198,6 +198,38 @@ def assign(
     )
 
 
+def held_back(
+    catalog: rules.SegmentCatalog,
+    flags_df: DataFrame,
+    members_df: DataFrame,
+    statuses: dict[str, tuple[str, str | None]],
+) -> DataFrame:
+    """Users who match a segment but are not its members, and why: user_key, segment_id,
+    reason (below_minimum_size, or outranked_in_exclusive_group)."""
+    entries = [
+        F.when(
+            F.col(_flag(s.id)),
+            F.struct(
+                F.lit(s.id).alias("segment_id"),
+                F.lit(
+                    "outranked_in_exclusive_group"
+                    if statuses[s.id][0] == "active"
+                    else "below_minimum_size"
+                ).alias("reason"),
+            ),
+        )
+        for s in catalog.segments
+    ]
+    matched_df = (
+        flags_df.select("user_key", F.explode(F.array(*entries)).alias("m"))
+        .filter(F.col("m").isNotNull())
+        .select("user_key", "m.segment_id", "m.reason")
+    )
+    return matched_df.join(
+        members_df.select("user_key", "segment_id"), on=["user_key", "segment_id"], how="left_anti"
+    )
+
+
 def features_at(spark: SparkSession, cfg: Config, as_of: datetime) -> DataFrame:
     root = cfg.lake.root
     missing = FileNotFoundError(
@@ -258,9 +290,11 @@ def run_segments(
         run_id=run_id,
         members_df=members_df,
         versions={sid: v for sid, v in versions.items() if statuses[sid][0] == "active"},
+        # unpublished segments: those who still match are held back, the others left
         exit_reasons={
-            sid: "below_minimum_size" for sid, (st, _) in statuses.items() if st != "active"
+            sid: "no_longer_matched" for sid, (st, _) in statuses.items() if st != "active"
         },
+        held_df=held_back(catalog, flags_df, members_df, statuses),
     )
     flags_df.unpersist()
     overlaps = membership.overlap(spark, root, as_of=as_of)
