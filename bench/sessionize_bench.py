@@ -1,10 +1,14 @@
-"""Sessionize benchmark: microseg vs a DuckDB yardstick vs a naive PySpark sessionizer.
+"""Pipeline benchmark: microseg vs a DuckDB yardstick vs a naive PySpark baseline, per stage.
 
     .venv/bin/python bench/sessionize_bench.py --events 1000000 5000000 20000000
+    .venv/bin/python bench/sessionize_bench.py --events 1000000 --stages sessionize features
 
 For each size, on the same data: generate synthetic Parquet events once (reused while its
 manifest.json exists), ingest them into a Delta lake once (reused while bronze/events holds
-the expected count), then time
+the expected count), then run the selected stages in order, each with every system. All
+systems read the lake's bronze/events (Delta) and write Delta.
+
+Stage "sessionize" times
 
 * microseg: `run_sessionize(spark, cfg, full=True)`, Delta in, Delta out (silver/sessions,
   plus silver/identity_map and the watermark it also maintains), local[*] with
@@ -14,13 +18,29 @@ the expected count), then time
 * naive: Spark join for identities, then groupBy("user_key").applyInPandas with the Python
   loop of bench/naive_sessionizer.py, written to Delta; only up to --naive-max-events.
 
-Then it checks that every system's sessions agree (session count and column sums, and a
-row-by-row comparison on session_id), prints a table per size and writes
-bench/results/sessionize-<size>.json and bench/results/sessionize.md. Exits 1 when any
-system fails or disagrees.
+Stage "features" (user features as of a time T, --as-of; by default the UTC midnight
+before the latest event) times
+
+* microseg: `run_features(spark, cfg, as_of=T)`, which computes all of its features (or,
+  with --microseg-features shared, only the ten below) from bronze/events strictly before T:
+  it learns the identity map from those events, rebuilds their sessions and writes
+  gold/user_features. It does not read silver/sessions, so it does not depend on the
+  sessionize stage, and neither do the other two systems;
+* duckdb: the same events before T through bench/duckdb_sessions.sql, then
+  bench/duckdb_features.sql, written with `deltalake.write_deltalake`;
+* naive: Spark filter and identity join, then groupBy("user_key").applyInPandas that
+  sessionizes each user with bench/naive_sessionizer.py and computes the features in pandas
+  and Python (bench/naive_features.py), written to Delta; only up to --naive-max-events.
+The yardsticks compute ten features (FEATURE_INTS, FEATURE_FLOATS, FEATURE_STRINGS), one or
+more of every kind; microseg's output is compared on those columns.
+
+After every stage it checks that the systems agree (row count and column sums, and a
+row-by-row comparison on the stage's key: session_id or user_key), prints a table and
+writes bench/results/pipeline-<size>.json; at the end bench/results/pipeline.md. Exits 1
+when any system fails or disagrees.
 
 The stages are a registry (STAGES): one function per system per stage plus a summary and a
-comparison per stage, so a stage for user features can be added beside "sessionize".
+comparison per stage.
 """
 
 from __future__ import annotations
@@ -37,7 +57,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,7 +65,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 DUCKDB_SQL = BENCH / "duckdb_sessions.sql"
-NAIVE_MODULE = BENCH / "naive_sessionizer.py"
+DUCKDB_FEATURES_SQL = BENCH / "duckdb_features.sql"
+NAIVE_MODULES = [BENCH / "naive_sessionizer.py", BENCH / "naive_features.py"]
 DEFAULT_SETS = ["spark.conf.spark.driver.memory=8g"]
 
 log = logging.getLogger("sessionize_bench")
@@ -67,6 +88,39 @@ class Dataset:
     ingested_now: bool = False
     prepare_seconds: dict[str, float] = field(default_factory=dict)
     load_before: list[float] = field(default_factory=list)  # 1/5/15 min load averages
+    as_of: datetime | None = None  # T of stage "features", timezone-aware UTC
+    events_before_as_of: int | None = None
+
+
+def parse_as_of(text: str) -> datetime | None:
+    """--as-of: "auto" (None here) or an ISO time; without a time zone it is UTC."""
+    if text == "auto":
+        return None
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def resolve_as_of(args, bronze: Path, as_of: datetime | None) -> tuple[datetime, int]:
+    """T (given, or the UTC midnight before the latest event) and the events before it,
+    counted by DuckDB over the bronze table's current files."""
+    con = duckdb_connect(args)
+    try:
+        parquet_view(con, "b", delta_files(bronze))
+        if as_of is None:
+            latest = con.execute("SELECT max(event_time)::TIMESTAMP FROM b").fetchone()[0]
+            as_of = datetime(latest.year, latest.month, latest.day, tzinfo=timezone.utc)
+        us = _micros(as_of)
+        before = con.execute(
+            f"SELECT count(*) FROM b WHERE event_time::TIMESTAMP < make_timestamp({us})"
+        ).fetchone()[0]
+    finally:
+        con.close()
+    return as_of.astimezone(timezone.utc), int(before)
+
+
+def _micros(t: datetime) -> int:
+    """Epoch microseconds of a timezone-aware datetime, exactly."""
+    return (t - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
 
 
 def _manifest_events(manifest: dict) -> int:
@@ -135,6 +189,10 @@ def prepare(args, size: int, spark_holder: dict) -> Dataset:
             log.warning("bronze/events holds %s events, the manifest says %s", found, expected)
     else:
         log.info("reusing %s (%s events)", lake_root, f"{found:,}")
+    as_of = events_before = None
+    if "features" in args.stages:
+        as_of, events_before = resolve_as_of(args, bronze, parse_as_of(args.as_of))
+        log.info("as-of time T = %s (%s events before it)", as_of.isoformat(), f"{events_before:,}")
     return Dataset(
         requested=size,
         events=int(found),
@@ -145,6 +203,8 @@ def prepare(args, size: int, spark_holder: dict) -> Dataset:
         generated_now=generated_now,
         ingested_now=ingested_now,
         prepare_seconds=timings,
+        as_of=as_of,
+        events_before_as_of=events_before,
     )
 
 
@@ -154,8 +214,9 @@ def spark_session(args, cfg, holder: dict):
         from microseg.spark import build_spark
 
         spark = build_spark(cfg.spark, app_name="bench-sessionize")
-        # the naive sessionizer's module must be importable in the Python workers
-        spark.sparkContext.addPyFile(str(NAIVE_MODULE))
+        # the naive baseline's modules must be importable in the Python workers
+        for module in NAIVE_MODULES:
+            spark.sparkContext.addPyFile(str(module))
         warm_up(spark, Path(args.work) / "spark-warm-up")
         holder["spark"] = spark
     return holder["spark"]
@@ -192,6 +253,16 @@ class Context:
     def output(self, system: str, table: str) -> Path:
         """Where a yardstick or baseline writes its table (beside the lake's own tables)."""
         return self.data.lake_root / "bench" / system / table
+
+    @property
+    def as_of(self) -> datetime:
+        if self.data.as_of is None:
+            raise RuntimeError("no as-of time: the dataset was prepared without stage features")
+        return self.data.as_of
+
+    @property
+    def as_of_us(self) -> int:
+        return _micros(self.as_of)
 
 
 def delta_files(path: Path | str) -> list[str]:
@@ -364,9 +435,9 @@ ROW_TIMES = ["session_start", "session_end", "visit_start"]
 ROW_FLOATS = ["revenue", "duration_seconds"]
 
 
-def summarize_sessions(args, path: Path) -> dict:
+def summarize_sessions(ctx: Context, path: Path) -> dict:
     """Session count and column sums of a sessions table (computed in DuckDB)."""
-    con = duckdb_connect(args)
+    con = duckdb_connect(ctx.args)
     try:
         parquet_view(con, "s", delta_files(path))
         exprs = [
@@ -389,19 +460,23 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOLERANCE, abs_tol=1e-9)
 
 
-def diff_sums(left: dict, right: dict) -> list[str]:
+def _diff_sums(left: dict, right: dict, floats: list[str]) -> list[str]:
     problems = []
     for key in left:
         a, b = left[key], right.get(key)
-        same = _close(a, b) if key in SESSION_FLOAT_SUMS else a == b
+        same = _close(a, b) if key in floats and a is not None and b is not None else a == b
         if not same:
             problems.append(f"{key}: {a!r} vs {b!r}")
     return problems
 
 
-def diff_rows(args, left: Path, right: Path) -> dict:
+def diff_sums(left: dict, right: dict) -> list[str]:
+    return _diff_sums(left, right, SESSION_FLOAT_SUMS)
+
+
+def diff_rows(ctx: Context, left: Path, right: Path) -> dict:
     """Row-by-row comparison of two sessions tables joined on session_id."""
-    con = duckdb_connect(args)
+    con = duckdb_connect(ctx.args)
     try:
         parquet_view(con, "l", delta_files(left))
         parquet_view(con, "r", delta_files(right))
@@ -434,6 +509,165 @@ def diff_rows(args, left: Path, right: Path) -> dict:
     }
 
 
+# stage "features" ------------------------------------------------------------------------
+
+# the features the yardsticks compute, by kind; microseg's output is compared on these
+FEATURE_INTS = [
+    "orders_lifetime",
+    "sessions_30d",
+    "cart_adds_90d",
+    "cart_abandoned_sessions_7d",
+    "distinct_categories",
+    "max_views_one_product_unbought_7d",
+]
+FEATURE_FLOATS = ["days_since_last_event", "revenue_lifetime", "bounce_rate_30d"]
+FEATURE_STRINGS = ["top_category"]
+SHARED_FEATURES = [*FEATURE_INTS, *FEATURE_FLOATS, *FEATURE_STRINGS]
+
+
+def microseg_features(ctx: Context) -> tuple[Path, dict]:
+    from microseg import lake
+    from microseg.config import load_config
+    from microseg.features import run_features
+
+    cfg = ctx.data.cfg
+    if ctx.args.microseg_features == "shared":
+        include = f"features.include=[{', '.join(SHARED_FEATURES)}]"
+        cfg = load_config(ctx.args.conf, [f"lake.root={ctx.root}", *ctx.args.sets, include])
+    spark = ctx.spark
+    spark.catalog.clearCache()
+    report = run_features(spark, cfg, as_of=ctx.as_of)
+    out = Path(lake.table_path(ctx.root, lake.USER_FEATURES))
+    return out, {"users": report.users, "features": report.features, "run_id": report.run_id}
+
+
+def duckdb_features(ctx: Context) -> tuple[Path, dict]:
+    from deltalake import write_deltalake
+
+    from microseg import lake
+
+    conf = ctx.data.cfg.sessions
+    out = ctx.output("duckdb", "user_features")
+    files = delta_files(lake.table_path(ctx.root, lake.EVENTS))
+    con = duckdb_connect(ctx.args)
+    try:
+        # only the events strictly before T: identities and sessions are rebuilt from them
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW bronze_events AS SELECT * FROM ("
+            "SELECT * REPLACE (event_time::TIMESTAMP AS event_time) "
+            f"FROM read_parquet({_sql_list(files)}, hive_partitioning = false)"
+            f") WHERE event_time < make_timestamp({ctx.as_of_us})"
+        )
+        timeout_s = conf.inactivity_timeout.total_seconds()
+        max_len_s = conf.max_session_length.total_seconds()
+        con.execute(f"SET VARIABLE inactivity_timeout_s = {timeout_s!r}::DOUBLE")
+        con.execute(f"SET VARIABLE max_session_length_s = {max_len_s!r}::DOUBLE")
+        con.execute(f"SET VARIABLE as_of_us = {ctx.as_of_us}::BIGINT")
+        con.execute(DUCKDB_SQL.read_text())
+        con.execute(DUCKDB_FEATURES_SQL.read_text())
+        reader = con.sql("SELECT * FROM user_features").to_arrow_reader(ctx.args.duckdb_batch_rows)
+        write_deltalake(str(out), reader, mode="overwrite", schema_mode="overwrite")
+    finally:
+        con.close()
+    return out, {"input_files": len(files), "output_format": "delta (deltalake.write_deltalake)"}
+
+
+def naive_features(ctx: Context) -> tuple[Path, dict]:
+    import naive_features as naive
+    from microseg import lake
+
+    conf = ctx.data.cfg.sessions
+    out = ctx.output("naive", "user_features")
+    spark = ctx.spark
+    spark.catalog.clearCache()
+    events_df = spark.read.format("delta").load(lake.table_path(ctx.root, lake.EVENTS))
+    features_df = naive.naive_features(
+        events_df,
+        as_of=ctx.as_of,
+        inactivity_timeout=conf.inactivity_timeout,
+        max_session_length=conf.max_session_length,
+    )
+    features_df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(
+        str(out)
+    )
+    return out, {}
+
+
+def _features_view(con, name: str, ctx: Context, path: Path) -> None:
+    """The rows of a features table at the run's as-of time (gold/user_features keeps other
+    as-of times too; its files may differ in columns over time)."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet("
+        f"{_sql_list(delta_files(path))}, hive_partitioning = false, union_by_name = true) "
+        f"WHERE epoch_us(as_of) = {ctx.as_of_us}"
+    )
+
+
+def summarize_features(ctx: Context, path: Path) -> dict:
+    """User count, column sums and non-null counts of a features table (in DuckDB)."""
+    con = duckdb_connect(ctx.args)
+    try:
+        _features_view(con, "f", ctx, path)
+        exprs = [
+            "count(*) AS users",
+            "count(DISTINCT user_key) AS distinct_user_keys",
+            "count(*) FILTER (WHERE user_key IS NULL) AS rows_without_user_key",
+            *[f"sum({c})::BIGINT AS {c}" for c in FEATURE_INTS],
+            *[f"sum({c})::DOUBLE AS {c}" for c in FEATURE_FLOATS],
+            *[f"count({c}) AS {c}_not_null" for c in FEATURE_FLOATS + FEATURE_STRINGS],
+            *[
+                f"bit_xor(hash(user_key || chr(31) || {c})) AS {c}_checksum"
+                for c in FEATURE_STRINGS
+            ],
+        ]
+        cursor = con.execute(f"SELECT {', '.join(exprs)} FROM f")
+        names = [d[0] for d in cursor.description]
+        row = cursor.fetchone()
+    finally:
+        con.close()
+    return dict(zip(names, row, strict=True))
+
+
+def diff_feature_sums(left: dict, right: dict) -> list[str]:
+    return _diff_sums(left, right, FEATURE_FLOATS)
+
+
+def diff_feature_rows(ctx: Context, left: Path, right: Path) -> dict:
+    """Row-by-row comparison of two features tables joined on user_key, on the shared
+    features: integers and strings exactly, doubles within REL_TOLERANCE."""
+    con = duckdb_connect(ctx.args)
+    try:
+        _features_view(con, "l", ctx, left)
+        _features_view(con, "r", ctx, right)
+        differs = [f"l.{c} IS DISTINCT FROM r.{c}" for c in FEATURE_INTS + FEATURE_STRINGS]
+        differs += [
+            f"((l.{c} IS NULL) <> (r.{c} IS NULL) OR coalesce(abs(l.{c} - r.{c}) > "
+            f"{REL_TOLERANCE} * greatest(abs(l.{c}), abs(r.{c}), 1e-3), false))"
+            for c in FEATURE_FLOATS
+        ]
+        # a row without a user key (there should be none) matches nothing: it is "only"
+        con.execute(
+            "CREATE TEMP TABLE d AS SELECT coalesce(l.user_key, r.user_key) AS user_key, "
+            "r._in IS NULL AS only_left, l._in IS NULL AS only_right "
+            "FROM (SELECT *, true AS _in FROM l) AS l "
+            "FULL OUTER JOIN (SELECT *, true AS _in FROM r) AS r ON l.user_key = r.user_key "
+            f"WHERE l._in IS NULL OR r._in IS NULL OR {' OR '.join(differs)}"
+        )
+        only_left, only_right, differing = con.execute(
+            "SELECT count(*) FILTER (WHERE only_left), count(*) FILTER (WHERE only_right), "
+            "count(*) FILTER (WHERE NOT only_left AND NOT only_right) FROM d"
+        ).fetchone()
+        examples = [str(r[0]) for r in con.execute("SELECT user_key FROM d LIMIT 5").fetchall()]
+    finally:
+        con.close()
+    return {
+        "only_left": only_left,
+        "only_right": only_right,
+        "differing": differing,
+        "examples": examples,
+    }
+
+
 # --------------------------------------------------------------------------------------
 # the stage registry
 
@@ -448,9 +682,11 @@ class System:
 @dataclass
 class Stage:
     systems: dict[str, System]
-    summarize: Callable[[argparse.Namespace, Path], dict]
+    summarize: Callable[[Context, Path], dict]  # sums of an output table
     diff_sums: Callable[[dict, dict], list[str]]
-    diff_rows: Callable[[argparse.Namespace, Path, Path], dict] | None = None
+    diff_rows: Callable[[Context, Path, Path], dict] | None = None
+    unit: str = "rows"  # the summary's row count, e.g. "sessions"
+    unit_label: str = ""  # its column title in pipeline.md (default: unit)
 
 
 STAGES: dict[str, Stage] = {
@@ -463,9 +699,20 @@ STAGES: dict[str, Stage] = {
         summarize=summarize_sessions,
         diff_sums=diff_sums,
         diff_rows=diff_rows,
+        unit="sessions",
     ),
-    # "features": Stage(systems={...}, summarize=..., diff_sums=...) once gold/user_features
-    # exists: one function per system, like the sessionize ones.
+    "features": Stage(
+        systems={
+            "microseg": System(microseg_features),
+            "duckdb": System(duckdb_features, uses_spark=False),
+            "naive": System(naive_features, max_events=lambda args: args.naive_max_events),
+        },
+        summarize=summarize_features,
+        diff_sums=diff_feature_sums,
+        diff_rows=diff_feature_rows,
+        unit="users",
+        unit_label="user rows",
+    ),
 }
 
 
@@ -513,15 +760,15 @@ def run_stage(args, stage_name: str, data: Dataset, spark_holder: dict) -> list[
         if run.error is None:
             run.seconds = min(run.all_seconds)
             try:
-                run.summary = stage.summarize(args, run.output)
+                run.summary = stage.summarize(ctx, run.output)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 run.error = f"reading its output: {type(exc).__name__}: {exc}"
-    check(args, stage, runs)
+    check(ctx, stage, runs)
     return runs
 
 
-def check(args, stage: Stage, runs: list[Run]) -> None:
+def check(ctx: Context, stage: Stage, runs: list[Run]) -> None:
     """Every system that ran is compared with every other; it passes when all agree."""
     done = [r for r in runs if r.summary is not None]
     for run in runs:
@@ -533,9 +780,9 @@ def check(args, stage: Stage, runs: list[Run]) -> None:
     for i, left in enumerate(done):
         for right in done[i + 1 :]:
             problems = [f"sum {p}" for p in stage.diff_sums(left.summary, right.summary)]
-            if stage.diff_rows is not None and not args.no_row_diff:
+            if stage.diff_rows is not None and not ctx.args.no_row_diff:
                 try:
-                    rows = stage.diff_rows(args, left.output, right.output)
+                    rows = stage.diff_rows(ctx, left.output, right.output)
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
                     rows = {"only_left": "?", "only_right": "?", "differing": "?"}
@@ -626,6 +873,49 @@ def _edge_case_events() -> list[tuple]:
     ev("m6", t4 + td(minutes=5), user="u8", etype="search")
     ev("m7", t4 + td(minutes=6), user="u8", etype="remove_from_cart", product="p1")
     ev("m8", t4 + td(minutes=7), user="u8", etype="add_to_wishlist", product="p4")
+
+    # stage "features", as of T = t4 + 4 min (m5 above is exactly at T: excluded)
+    T = SELF_CHECK_AS_OF
+    assert t4 + td(minutes=4) == T
+    day, us = td(days=1), td(microseconds=1)
+    # f1: product views at exactly T - 7d (in), 1 us before it (out), a minute after (in)
+    ev("f1a", T - 7 * day - us, "product_view", user="f1", product="q1")
+    ev("f1b", T - 7 * day, "product_view", user="f1", product="q1")
+    ev("f1c", T - 7 * day + td(minutes=1), "product_view", user="f1", product="q1")
+    # f2: q3 viewed 3 times and bought exactly at T (out: still unbought); q4 viewed 4 times
+    # and bought before T (bought: not counted)
+    for i in range(3):
+        ev(f"f2v{i}", T - 2 * day + td(minutes=i), "product_view", user="f2", product="q3")
+    ev("f2p", T, "purchase", user="f2", product="q3", price=5.0)
+    for i in range(4):
+        ev(f"f2w{i}", T - 3 * day + td(minutes=i), "product_view", user="f2", product="q4")
+    ev("f2q", T - td(hours=1), "purchase", user="f2", product="q4", price=2.0, qty=2)
+    # f3: one session starting exactly at T - 30d (in); f4: 1 us earlier (out)
+    ev("f3a", T - 30 * day, user="f3")
+    ev("f4a", T - 30 * day - us, user="f4")
+    # f5: a session starting 10 min before T - 30d and running into the window (out)
+    ev("f5a", T - 30 * day - td(minutes=10), user="f5")
+    ev("f5b", T - 30 * day + td(minutes=10), user="f5")
+    # f6: a cart add exactly at T - 90d (in), one an hour earlier (out)
+    ev("f6a", T - 90 * day - td(hours=1), "add_to_cart", user="f6", product="q5")
+    ev("f6b", T - 90 * day, "add_to_cart", user="f6", product="q5")
+    # f7: abandoned carts at T - 7d (in) and 10 min before T, its purchase exactly at T
+    # (out: the session is cut at T, so abandoned); a bought cart 6 days before T
+    ev("f7a", T - 7 * day, "add_to_cart", user="f7", product="q6")
+    ev("f7b", T - 6 * day, "add_to_cart", user="f7", product="q6")
+    ev("f7c", T - 6 * day + td(minutes=1), "purchase", user="f7", product="q6", price=3.0)
+    ev("f7d", T - td(minutes=10), "add_to_cart", user="f7", product="q6")
+    ev("f7e", T, "purchase", user="f7", product="q6", price=3.0)
+    # f8: a session running across T; its purchase at T and event after T are out
+    ev("f8a", T - td(minutes=10), user="f8")
+    ev("f8b", T, "purchase", user="f8", product="q7", price=100.0)
+    ev("f8c", T + td(minutes=5), user="f8")
+    # anonymous fa seen with f9 only at T: before T it stays anon:fa; f9 has no row
+    ev("fa1", T - td(hours=1), anon="fa")
+    ev("fa2", T, user="f9", anon="fa")
+    # f10: categories cat-b x2, cat-a x2, cat-c x1: the tie goes to cat-a
+    for i, product in enumerate(["b", "a", "b", "a", "c"]):
+        ev(f"f10{i}", T - 2 * day + td(minutes=i), "product_view", user="f10", product=product)
     return rows
 
 
@@ -668,6 +958,66 @@ EDGE_EXPECTATIONS = [
 ]
 
 
+SELF_CHECK_AS_OF = datetime(2026, 9, 6, 22, 4, tzinfo=timezone.utc)
+
+# (what, SQL over the features table `f` at SELF_CHECK_AS_OF giving one value, expected)
+FEATURE_EDGE_EXPECTATIONS = [
+    ("f1: 7d window starts exactly at T - 7d", "max(max_views_one_product_unbought_7d) "
+     "FILTER (WHERE user_key = 'f1')", 2),
+    ("f2: purchase at T excluded, bought product skipped",
+     "max(max_views_one_product_unbought_7d) FILTER (WHERE user_key = 'f2')", 3),
+    ("f2: one order before T", "max(orders_lifetime) FILTER (WHERE user_key = 'f2')", 1),
+    ("f2: revenue before T", "max(revenue_lifetime) FILTER (WHERE user_key = 'f2')", 4.0),
+    ("f3: session at exactly T - 30d counts", "max(sessions_30d) FILTER (WHERE user_key = 'f3')",
+     1),
+    ("f3: bounce rate", "max(bounce_rate_30d) FILTER (WHERE user_key = 'f3')", 1.0),
+    ("f4: 1 us before T - 30d does not", "max(sessions_30d) FILTER (WHERE user_key = 'f4')", 0),
+    ("f4: bounce rate null without sessions",
+     "count(bounce_rate_30d) FILTER (WHERE user_key = 'f4')", 0),
+    ("f5: session counted by its start", "max(sessions_30d) FILTER (WHERE user_key = 'f5')", 0),
+    ("f6: cart add at exactly T - 90d counts",
+     "max(cart_adds_90d) FILTER (WHERE user_key = 'f6')", 1),
+    ("f7: abandoned at T - 7d and cut at T",
+     "max(cart_abandoned_sessions_7d) FILTER (WHERE user_key = 'f7')", 2),
+    ("f7: one order", "max(orders_lifetime) FILTER (WHERE user_key = 'f7')", 1),
+    ("f8: purchase at T excluded", "max(orders_lifetime) FILTER (WHERE user_key = 'f8')", 0),
+    ("f8: no revenue", "max(revenue_lifetime) FILTER (WHERE user_key = 'f8')", 0.0),
+    ("f8: last event 10 min before T",
+     "max(days_since_last_event) FILTER (WHERE user_key = 'f8')", 10 / 1440),
+    ("u8: event at T excluded, last 1 min before",
+     "max(days_since_last_event) FILTER (WHERE user_key = 'u8')", 1 / 1440),
+    ("u8: revenue", "max(revenue_lifetime) FILTER (WHERE user_key = 'u8')", 35.47),
+    ("fa: identity seen only at T not used", "count(*) FILTER (WHERE user_key = 'anon:fa')", 1),
+    ("f9: only events at T, no row", "count(*) FILTER (WHERE user_key = 'f9')", 0),
+    ("a1 -> u4: anon:a1 has no row", "count(*) FILTER (WHERE user_key = 'anon:a1')", 0),
+    ("a1 -> u4: its last event is a1's",
+     "max(days_since_last_event) FILTER (WHERE user_key = 'u4')", (2 * 1440 - 11) / 1440),
+    ("f10: top category tie -> alphabetically first",
+     "any_value(top_category) FILTER (WHERE user_key = 'f10')", "cat-a"),
+    ("f10: distinct categories", "max(distinct_categories) FILTER (WHERE user_key = 'f10')", 3),
+    ("u1: no category -> top category null",
+     "count(top_category) FILTER (WHERE user_key = 'u1')", 0),
+    ("u2: 5 products, 5 categories, tie -> cat-p0",
+     "any_value(top_category) FILTER (WHERE user_key = 'u2')", "cat-p0"),
+    ("no row without a user key (no-id events are dropped)",
+     "count(*) FILTER (WHERE user_key IS NULL)", 0),
+]  # fmt: skip
+
+
+def _expectations(con, table: str, expectations: list) -> list[str]:
+    failures = []
+    for what, sql, expected in expectations:
+        got = con.execute(f"SELECT {sql} FROM {table}").fetchone()[0]
+        same = (
+            _close(float(got), expected)
+            if isinstance(expected, float) and got is not None
+            else got == expected
+        )
+        if not same:
+            failures.append(f"{what}: got {got!r}, expected {expected!r}")
+    return failures
+
+
 def self_check(args, spark_holder: dict) -> bool:
     """Run every system on the edge cases; they must agree row by row and meet
     EDGE_EXPECTATIONS."""
@@ -708,34 +1058,35 @@ def self_check(args, spark_holder: dict) -> bool:
         data_dir=lake_root,
         lake_root=lake_root,
         cfg=cfg,
+        as_of=SELF_CHECK_AS_OF,
+        events_before_as_of=sum(1 for r in rows if r[1] < SELF_CHECK_AS_OF),
     )
     once = argparse.Namespace(**{**vars(args), "repeat": 1})
-    runs = run_stage(once, "sessionize", data, spark_holder)
+    ctx = Context(args=once, data=data, spark_holder=spark_holder)
+    checks = {"sessionize": EDGE_EXPECTATIONS, "features": FEATURE_EDGE_EXPECTATIONS}
     ok = True
-    print("\n== self-check on hand-made edge cases ==")
-    for run in runs:
-        failures = list(run.disagreements)
-        if run.output is not None and run.error is None:
-            con = duckdb_connect(args)
-            try:
-                parquet_view(con, "s", delta_files(run.output))
-                for what, sql, expected in EDGE_EXPECTATIONS:
-                    got = con.execute(f"SELECT {sql} FROM s").fetchone()[0]
-                    same = (
-                        _close(float(got), expected)
-                        if isinstance(expected, float) and got is not None
-                        else got == expected
-                    )
-                    if not same:
-                        failures.append(f"{what}: got {got!r}, expected {expected!r}")
-            finally:
-                con.close()
-        verdict = "SKIPPED" if run.skipped else ("FAIL" if failures else "PASS")
-        ok &= verdict != "FAIL"
-        sessions = (run.summary or {}).get("sessions")
-        print(f"{run.system:10s} {verdict}  ({sessions} sessions of {len(rows)} events)")
-        for failure in failures:
-            print(f"{'':12s}{failure}")
+    for stage_name in args.stages:
+        runs = run_stage(once, stage_name, data, spark_holder)
+        unit = STAGES[stage_name].unit
+        print(f"\n== self-check on hand-made edge cases: {stage_name} ==")
+        for run in runs:
+            failures = list(run.disagreements)
+            if run.output is not None and run.error is None:
+                con = duckdb_connect(args)
+                try:
+                    if stage_name == "features":
+                        _features_view(con, "t", ctx, run.output)
+                    else:
+                        parquet_view(con, "t", delta_files(run.output))
+                    failures += _expectations(con, "t", checks.get(stage_name, []))
+                finally:
+                    con.close()
+            verdict = "SKIPPED" if run.skipped else ("FAIL" if failures else "PASS")
+            ok &= verdict != "FAIL"
+            count = (run.summary or {}).get(unit)
+            print(f"{run.system:10s} {verdict}  ({count} {unit} of {len(rows)} events)")
+            for failure in failures:
+                print(f"{'':12s}{failure}")
     return ok
 
 
@@ -790,8 +1141,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else round(a / b, 2)
 
 
-def size_result(data: Dataset, runs: list[Run], base: tuple[int, float] | None) -> dict:
+def size_result(data: Dataset, started: str) -> dict:
+    """The result of one size; stage_result() fills in "stages"."""
+    return {
+        "requested_events": data.requested,
+        "events": data.events,
+        "users": data.users,
+        "lake": str(data.lake_root),
+        "prepared": {
+            "generated_now": data.generated_now,
+            "ingested_now": data.ingested_now,
+            "seconds": data.prepare_seconds,
+        },
+        "as_of": data.as_of.isoformat() if data.as_of else None,
+        "events_before_as_of": data.events_before_as_of,
+        "run_started": started,
+        "stages": {},
+    }
+
+
+def stage_result(
+    stage_name: str, data: Dataset, runs: list[Run], base: tuple[int, float] | None
+) -> dict:
     by_name = {r.system: r for r in runs}
+    unit = STAGES[stage_name].unit
 
     def secs(name: str) -> float | None:
         run = by_name.get(name)
@@ -802,23 +1175,15 @@ def size_result(data: Dataset, runs: list[Run], base: tuple[int, float] | None) 
     if micro is not None and base is not None:
         per_event_vs_smallest = round((micro / data.events) / (base[1] / base[0]), 2)
     return {
-        "stage": "sessionize",
-        "requested_events": data.requested,
-        "events": data.events,
-        "users": data.users,
-        "lake": str(data.lake_root),
-        "prepared": {
-            "generated_now": data.generated_now,
-            "ingested_now": data.ingested_now,
-            "seconds": data.prepare_seconds,
-        },
+        "unit": unit,
         "load_average_before": data.load_before,
         "systems": {
             r.system: {
                 "seconds": r.seconds,
                 "all_seconds": r.all_seconds,
+                # of the whole bronze/events table, the input of every stage
                 "events_per_second": round(data.events / r.seconds) if r.seconds else None,
-                "sessions": (r.summary or {}).get("sessions"),
+                unit: (r.summary or {}).get(unit),
                 "verdict": r.verdict,
                 "skipped": r.skipped,
                 "error": r.error,
@@ -837,22 +1202,25 @@ def size_result(data: Dataset, runs: list[Run], base: tuple[int, float] | None) 
     }
 
 
-def print_size(result: dict) -> None:
+def print_stage(stage_name: str, result: dict) -> None:
+    stage = result["stages"][stage_name]
+    unit = stage["unit"]
+    as_of = f", as of {result['as_of']}" if stage_name == "features" else ""
     print()
     print(
-        f"== sessionize, {result['events']:,} events ({result['users']:,} users, "
-        f"requested {result['requested_events']:,}) =="
+        f"== {stage_name}, {result['events']:,} events ({result['users']:,} users, "
+        f"requested {result['requested_events']:,}){as_of} =="
     )
-    print(f"{'system':10s} {'seconds':>9s} {'events/s':>11s} {'sessions':>10s}  check")
-    for name, s in result["systems"].items():
+    print(f"{'system':10s} {'seconds':>9s} {'events/s':>11s} {unit:>10s}  check")
+    for name, s in stage["systems"].items():
         eps = f"{s['events_per_second']:,}" if s["events_per_second"] else "-"
-        sessions = f"{s['sessions']:,}" if s["sessions"] is not None else "-"
+        count = f"{s[unit]:,}" if s[unit] is not None else "-"
         note = s["skipped"] or ""
         secs = _fmt_s(s["seconds"])
-        print(f"{name:10s} {secs:>9s} {eps:>11s} {sessions:>10s}  {s['verdict']} {note}")
+        print(f"{name:10s} {secs:>9s} {eps:>11s} {count:>10s}  {s['verdict']} {note}")
         for problem in s["disagreements"][:12]:
             print(f"{'':12s}{problem}")
-    r = result["ratios"]
+    r = stage["ratios"]
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
@@ -864,50 +1232,97 @@ def print_size(result: dict) -> None:
     )
 
 
+STAGE_NOTES = {
+    "sessionize": "Sessions of all of bronze/events; output silver/sessions and the "
+    "yardsticks' copies.",
+    "features": "User features as of T from the events strictly before T (identities and "
+    "sessions rebuilt from them, by every system). microseg computes its whole feature "
+    "catalog unless --microseg-features shared; the yardsticks compute "
+    f"{len(SHARED_FEATURES)} features ({', '.join(SHARED_FEATURES)}), and the check compares "
+    "those. events/s is over the whole bronze/events table.",
+}
+
+
 def write_markdown(
-    path: Path, results: list[dict], machine: dict, started: str, self_checked: bool | None
+    path: Path,
+    results: list[dict],
+    stage_names: list[str],
+    machine: dict,
+    started: str,
+    self_checked: bool | None,
+    args,
 ) -> None:
     def cell(v, fmt="{:,.1f}"):
         return "-" if v is None else fmt.format(v)
 
     lines = [
-        "# Sessionize benchmark",
+        "# Pipeline benchmark",
         "",
-        f"Run of {started} by `bench/sessionize_bench.py` (see bench/README.md). Seconds are "
-        "wall-clock, input is the lake's bronze/events (Delta), output a Delta table.",
-        "",
-        "| events | users | sessions | microseg s | DuckDB s | naive s | microseg ev/s "
-        "| DuckDB ev/s | naive ev/s | microseg/DuckDB | naive/microseg "
-        "| microseg s/event vs smallest | agree |",
-        "|" + "---:|" * 12 + ":---|",
+        f"Run of {started} by `bench/sessionize_bench.py --stages {' '.join(stage_names)}` "
+        "(see bench/README.md). Seconds are wall-clock, input is the lake's bronze/events "
+        "(Delta), output a Delta table.",
     ]
-    for res in results:
-        sy = res["systems"]
+    for stage_name in stage_names:
+        unit = STAGES[stage_name].unit
+        label = STAGES[stage_name].unit_label or unit
+        lines += [
+            "",
+            f"## {stage_name}",
+            "",
+            STAGE_NOTES.get(stage_name, ""),
+            "",
+            f"| events | users | {label} | microseg s | DuckDB s | naive s | microseg ev/s "
+            "| DuckDB ev/s | naive ev/s | microseg/DuckDB | naive/microseg "
+            "| microseg s/event vs smallest | agree |",
+            "|" + "---:|" * 12 + ":---|",
+        ]
+        for res in results:
+            st = res["stages"].get(stage_name)
+            if st is None:
+                continue
+            sy = st["systems"]
 
-        def get(name, key, sy=sy):
-            return sy.get(name, {}).get(key)
+            def get(name, key, sy=sy):
+                return sy.get(name, {}).get(key)
 
-        sessions = next((s["sessions"] for s in sy.values() if s["sessions"] is not None), None)
-        verdicts = ", ".join(f"{n} {s['verdict']}" for n, s in sy.items())
-        r = res["ratios"]
-        lines.append(
-            f"| {res['events']:,} | {res['users']:,} | {cell(sessions, '{:,}')} "
-            f"| {cell(get('microseg', 'seconds'))} | {cell(get('duckdb', 'seconds'))} "
-            f"| {cell(get('naive', 'seconds'))} "
-            f"| {cell(get('microseg', 'events_per_second'), '{:,}')} "
-            f"| {cell(get('duckdb', 'events_per_second'), '{:,}')} "
-            f"| {cell(get('naive', 'events_per_second'), '{:,}')} "
-            f"| {cell(r['microseg_over_duckdb'], '{:.2f}x')} "
-            f"| {cell(r['naive_over_microseg'], '{:.2f}x')} "
-            f"| {cell(r['microseg_seconds_per_event_vs_smallest'], '{:.2f}')} | {verdicts} |"
-        )
+            count = next((s[unit] for s in sy.values() if s[unit] is not None), None)
+            verdicts = ", ".join(f"{n} {s['verdict']}" for n, s in sy.items())
+            r = st["ratios"]
+            lines.append(
+                f"| {res['events']:,} | {res['users']:,} | {cell(count, '{:,}')} "
+                f"| {cell(get('microseg', 'seconds'))} | {cell(get('duckdb', 'seconds'))} "
+                f"| {cell(get('naive', 'seconds'))} "
+                f"| {cell(get('microseg', 'events_per_second'), '{:,}')} "
+                f"| {cell(get('duckdb', 'events_per_second'), '{:,}')} "
+                f"| {cell(get('naive', 'events_per_second'), '{:,}')} "
+                f"| {cell(r['microseg_over_duckdb'], '{:.2f}x')} "
+                f"| {cell(r['naive_over_microseg'], '{:.2f}x')} "
+                f"| {cell(r['microseg_seconds_per_event_vs_smallest'], '{:.2f}')} | {verdicts} |"
+            )
+        if stage_name == "features":
+            lines += [
+                "",
+                "As-of time T (events before it): "
+                + "; ".join(
+                    f"{r['events']:,}: {r['as_of']} ({cell(r['events_before_as_of'], '{:,}')})"
+                    for r in results
+                ),
+                "",
+                f"microseg features: {args.microseg_features}",
+            ]
     lines += [
+        "",
+        "## Run",
         "",
         "Self-check on hand-made edge cases (--self-check): "
         + {None: "not run", True: "PASS", False: "FAIL"}[self_checked],
         "",
-        "Load average (1, 5, 15 min) before each size: "
-        + "; ".join(f"{r['events']:,}: {r['load_average_before']}" for r in results),
+        "Load average (1, 5, 15 min) before each stage: "
+        + "; ".join(
+            f"{r['events']:,} {name}: {st['load_average_before']}"
+            for r in results
+            for name, st in r["stages"].items()
+        ),
         "",
         "Machine:",
         "",
@@ -946,7 +1361,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["microseg", "duckdb", "naive"],
         choices=["microseg", "duckdb", "naive"],
     )
-    parser.add_argument("--stages", nargs="+", default=["sessionize"], choices=sorted(STAGES))
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["sessionize"],
+        choices=list(STAGES),
+        help="stages to run; they always run in the order " + ", ".join(STAGES),
+    )
+    parser.add_argument(
+        "--as-of",
+        default="auto",
+        help="T of stage features: an ISO time (UTC unless it has an offset), or auto (the "
+        "default): the UTC midnight before the latest event, which leaves the last day of the "
+        "generated data after T",
+    )
+    parser.add_argument(
+        "--microseg-features",
+        choices=["all", "shared"],
+        default="all",
+        help="stage features: microseg computes its whole catalog (all, the default; what "
+        "`microseg features` does) or only the features the yardsticks compute (shared)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per system; best is kept")
     parser.add_argument("--duckdb-threads", type=int, default=2)
     parser.add_argument("--duckdb-memory", default="6GB", help="DuckDB memory_limit")
@@ -956,7 +1391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--self-check",
         action="store_true",
         help="first run every system on hand-made edge cases (exact-timeout gaps, visits "
-        "longer than the maximum, identity conflicts) and check them",
+        "longer than the maximum, identity conflicts; with stage features also events at T "
+        "and at window boundaries) and check them",
     )
     parser.add_argument("--self-check-only", action="store_true", help="only the self-check")
     args = parser.parse_args(argv)
@@ -965,6 +1401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.results = str(Path(args.results).resolve())
     args.conf = str(Path(args.conf).resolve())
     args.events = sorted(set(args.events))
+    args.stages = [name for name in STAGES if name in args.stages]
+    try:
+        parse_as_of(args.as_of)
+    except ValueError as exc:
+        parser.error(f"--as-of: {exc}")
     return args
 
 
@@ -983,7 +1424,7 @@ def main(argv: list[str] | None = None) -> int:
     spark_holder: dict = {}
     results = []
     ok = True
-    base = None  # (events, microseg seconds) of the smallest size
+    base: dict[str, tuple[int, float]] = {}  # per stage: (events, microseg s) of the smallest
     self_checked = None
     if args.self_check or args.self_check_only:
         self_checked = self_check(args, spark_holder)
@@ -991,28 +1432,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.self_check_only:
             print("SELF-CHECK PASSED" if ok else "SELF-CHECK FAILED")
             return 0 if ok else 1
+    machine = {}
     for size in args.events:
         data = prepare(args, size, spark_holder)
+        result = size_result(data, started)
+        results.append(result)
         for stage_name in args.stages:
             runs = run_stage(args, stage_name, data, spark_holder)
             ok &= all(r.verdict in ("PASS", "PASS (alone)", "SKIPPED") for r in runs)
             micro = next((r for r in runs if r.system == "microseg" and r.seconds), None)
-            if base is None and micro is not None:
-                base = (data.events, micro.seconds)
-            result = size_result(data, runs, base)
-            results.append(result)
-            print_size(result)
+            if stage_name not in base and micro is not None:
+                base[stage_name] = (data.events, micro.seconds)
+            result["stages"][stage_name] = stage_result(
+                stage_name, data, runs, base.get(stage_name)
+            )
+            print_stage(stage_name, result)
             machine = machine_facts(args, spark_holder)
             result["machine"] = machine
-            result["run_started"] = started
-            out = results_dir / f"{stage_name}-{size}.json"
+            out = results_dir / f"pipeline-{size}.json"
             out.write_text(json.dumps(result, indent=2, default=str) + "\n")
             print(f"wrote {out}")
-    session_results = [r for r in results if r["stage"] == "sessionize"]
-    if session_results:
-        summary = results_dir / "sessionize.md"
-        machine = session_results[-1]["machine"]
-        write_markdown(summary, session_results, machine, started, self_checked)
+    if results:
+        summary = results_dir / "pipeline.md"
+        write_markdown(summary, results, args.stages, machine, started, self_checked, args)
         print(f"wrote {summary}")
     print("ALL AGREE" if ok else "DISAGREEMENT OR FAILURE (see above)")
     return 0 if ok else 1

@@ -242,9 +242,7 @@ def members(spark, cfg, tmp_path, text: str, features: dict, events=(), as_of=T)
     segments.check_sql(catalog, features_df)
     flags = segments.evaluate(catalog, rules.with_facts(features_df, facts_df, facts), as_of)
     rows = flags.collect()
-    return {
-        s.id: sorted(r.user_key for r in rows if r[f"_m_{s.id}"]) for s in catalog.segments
-    }
+    return {s.id: sorted(r.user_key for r in rows if r[f"_m_{s.id}"]) for s in catalog.segments}
 
 
 def one(condition: str) -> str:

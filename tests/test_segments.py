@@ -182,9 +182,7 @@ def test_membership_history_intervals(spark, three_runs):
 
 def test_catalog_sizes_status_stability_and_overlap(spark, three_runs):
     cfg, _, _ = three_runs
-    rows = {
-        (r.as_of, r.segment_id): r for r in table(spark, cfg, lake.SEGMENT_CATALOG).collect()
-    }
+    rows = {(r.as_of, r.segment_id): r for r in table(spark, cfg, lake.SEGMENT_CATALOG).collect()}
     assert len(rows) == 12
 
     def summary(as_of, segment_id):
@@ -282,9 +280,10 @@ def test_rerun_of_the_same_as_of_changes_nothing_and_going_back_is_refused(spark
     )
     again = run(spark, cfg, tmp_path, T3, min_orders=2)
     assert {t.name: version_of(spark, cfg, t) for t in tables} == before
-    assert sorted(
-        table(spark, cfg, lake.SEGMENT_CATALOG).drop("run_id", "recorded_at").collect()
-    ) == catalog_before
+    assert (
+        sorted(table(spark, cfg, lake.SEGMENT_CATALOG).drop("run_id", "recorded_at").collect())
+        == catalog_before
+    )
     assert [(s.segment_id, s.size, s.entered, s.exited) for s in again.segments] == [
         (s.segment_id, s.size, s.entered, s.exited) for s in reports[2].segments
     ]
