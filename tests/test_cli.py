@@ -61,7 +61,7 @@ def test_module_and_console_script_list_commands():
     ):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 0
-        for command in ("generate", "ingest", "sessionize", "features", "status"):
+        for command in ("generate", "ingest", "sessionize", "features", "segments", "status"):
             assert command in result.stdout
 
 
@@ -157,13 +157,55 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
     assert "mode=nothing new" in capsys.readouterr().out
     assert main(job_args(tmp_path, "features", "--as-of", "2017-12-04")) == 0
     assert "as of 2017-12-04 00:00:00 UTC: 30 users" in capsys.readouterr().out
+    assert main(job_args(tmp_path, "segments", "run", "--as-of", "2017-12-04")) == 0
+    out = capsys.readouterr().out
+    assert "segments as of 2017-12-04T00:00:00Z" in out and "users=30" in out
+    assert main(job_args(tmp_path, "segments", "show", "recent_buyers")) == 0
+    out = capsys.readouterr().out
+    assert "recent_buyers: Recent buyers (version " in out
+    assert "2017-12-04T00:00:00" in out  # its catalog row
     assert main(job_args(tmp_path, "status")) == 0
     out = capsys.readouterr().out
-    for table in ("bronze/events", "silver/sessions", "silver/identity_map", "gold/user_features"):
+    for table in (
+        "bronze/events",
+        "silver/sessions",
+        "silver/identity_map",
+        "gold/user_features",
+        "gold/segment_membership",
+        "gold/segment_changes",
+        "gold/segment_catalog",
+    ):
         assert table in out
     with pytest.raises(SystemExit) as exit_info:
         main(job_args(tmp_path, "features", "--as-of", "yesterday"))
     assert exit_info.value.code == 2
+
+
+def test_segments_validate(spark, tmp_path, capsys):
+    assert main(job_args(tmp_path, "segments", "validate")) == 0
+    out = capsys.readouterr().out
+    assert "conf/segments.yaml: 12 segments, no problems" in out
+    assert "browsing_enthusiasts" in out and "no: line" in out  # not streaming-capable
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "segments:\n"
+        "  - id: a\n"
+        "    name: A\n"
+        "    conditions: [{feature: nope, gte: 1}]\n"
+        "  - id: b\n"
+        "    name: B\n"
+        "    parent: a\n"
+        "    conditions: [{sql: orders_lifetime >}]\n"
+    )
+    assert main(job_args(tmp_path, "segments", "validate", "--file", str(bad))) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"microseg segments: {bad} line 4: segment 'a': unknown feature 'nope' "
+        "(features.include in the config selects the available ones)"
+    )
+    assert len(err) == 1  # b's parent is in the file: not reported as unknown
+    assert main(job_args(tmp_path, "segments", "run")) == 2
+    assert "segments run needs --as-of TIME" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -287,8 +287,15 @@ def test_rerun_of_the_same_as_of_changes_nothing_and_going_back_is_refused(spark
     assert [(s.segment_id, s.size, s.entered, s.exited) for s in again.segments] == [
         (s.segment_id, s.size, s.entered, s.exited) for s in reports[2].segments
     ]
-    with pytest.raises(ValueError, match="already runs to 2026-10-15T00:00:00; runs must move"):
-        run(spark, cfg, tmp_path, T2)
+    # an earlier as-of that already ran: also a no-op
+    run(spark, cfg, tmp_path, T2)
+    assert {t.name: version_of(spark, cfg, t) for t in tables} == before
+    # a new as-of before the latest would rewrite history: refused
+    between = T2 + timedelta(days=1)
+    write_features(spark, cfg, between, {**FEATURES[T2], "u1": (0, 0.0)})
+    with pytest.raises(ValueError, match="already runs to 2026-10-15T00:00:00; a run as of 2026"):
+        run(spark, cfg, tmp_path, between)
+    assert {t.name: version_of(spark, cfg, t) for t in tables} == before
 
 
 def test_missing_features_name_the_command_to_run(spark, tmp_path):

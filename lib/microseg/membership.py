@@ -10,8 +10,9 @@ enters and exits go to gold/segment_changes with insert-only MERGE, so a run tha
 between the two commits is completed by running it again, and re-running an as-of that
 already ran finds nothing to change.
 
-Runs of one source move forward in time: an as-of earlier than the latest one already
-written is refused (re-running the latest is fine).
+Runs of one source move forward in time: a run as of a time earlier than the latest one
+already written is refused if it would change anything (re-running an as-of that already ran
+is a no-op).
 """
 
 from __future__ import annotations
@@ -87,11 +88,6 @@ def write_membership(
     latest = history_df.agg(
         F.greatest(F.max("valid_from"), F.max("valid_to")).alias("latest")
     ).first()["latest"]
-    if latest is not None and latest > as_of:
-        raise ValueError(
-            f"segment membership for source '{source}' already runs to {latest.isoformat()}; "
-            f"runs must move forward in time (as-of {as_of.isoformat()} is earlier)"
-        )
     state_df = history_df.filter(valid_at(as_of)).persist()
     version_df = spark.createDataFrame(
         list(versions.items()) or [("", "")], "segment_id string, definition_version string"
@@ -152,7 +148,24 @@ def write_membership(
         )
     )
     changes_df = changes_df.persist()
-    if changes_df.limit(1).count():
+    opens_df = desired_df.join(state_df.select(*interval), on=interval, how="left_anti").select(
+        *interval, "score", F.lit("open").alias("_action")
+    )
+    closes_df = state_df.join(desired_df.select(*interval), on=interval, how="left_anti").select(
+        *interval, F.lit(None).cast("double").alias("score"), F.lit("close").alias("_action")
+    )
+    actions_df = opens_df.unionByName(closes_df).persist()
+    has_changes = changes_df.limit(1).count() > 0
+    has_actions = actions_df.limit(1).count() > 0
+    if latest is not None and latest > as_of and (has_changes or has_actions):
+        for df in (actions_df, changes_df, desired_df, state_df):
+            df.unpersist()
+        raise ValueError(
+            f"segment membership for source '{source}' already runs to {latest.isoformat()}; "
+            f"a run as of {as_of.isoformat()} would rewrite that history: runs must move "
+            "forward in time (re-running an earlier as-of is allowed only if nothing differs)"
+        )
+    if has_changes:
         lake.insert_new(
             spark,
             root,
@@ -163,14 +176,7 @@ def write_membership(
     else:
         lake.ensure_table(spark, root, lake.SEGMENT_CHANGES)
 
-    opens_df = desired_df.join(state_df.select(*interval), on=interval, how="left_anti").select(
-        *interval, "score", F.lit("open").alias("_action")
-    )
-    closes_df = state_df.join(desired_df.select(*interval), on=interval, how="left_anti").select(
-        *interval, F.lit(None).cast("double").alias("score"), F.lit("close").alias("_action")
-    )
-    actions_df = opens_df.unionByName(closes_df).persist()
-    if actions_df.limit(1).count():
+    if has_actions:
         (
             membership.alias("t")
             .merge(

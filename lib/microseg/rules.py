@@ -656,17 +656,19 @@ def parse_segments(
         if segment.id in segments:
             checker.problem(segment.line, f"id '{segment.id}' is used twice")
         segments[segment.id] = segment
-    _check_graph(checker, segments)
+    # a parent that is in the file but has problems of its own is not also "unknown"
+    written = {item.get("id") for item in raw["segments"] if isinstance(item, dict)}
+    _check_graph(checker, segments, written)
     if checker.problems:
         raise SegmentFileError(checker.problems)
     return SegmentCatalog(path, tuple(_parents_first(segments)))
 
 
-def _check_graph(checker: _Checker, segments: dict[str, Segment]) -> None:
+def _check_graph(checker: _Checker, segments: dict[str, Segment], written: set) -> None:
     priorities: dict[tuple[str, int], str] = {}
     for segment in segments.values():
         checker.segment = segment.id
-        if segment.parent is not None and segment.parent not in segments:
+        if segment.parent is not None and segment.parent not in written:
             checker.problem(
                 segment.line,
                 f"unknown parent '{segment.parent}'{_suggest(segment.parent, segments)}",
