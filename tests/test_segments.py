@@ -48,7 +48,7 @@ segments:
 FEATURES = {
     T1: {"u1": (1, 50.0), "u2": (2, 550.0), "u3": (3, 600.0), "u4": (0, 0.0)},
     T2: {"u1": (1, 50.0), "u2": (2, 150.0), "u3": (3, 600.0), "u4": (1, 10.0)},
-    T3: {"u1": (1, 50.0), "u2": (2, 150.0), "u3": (3, 600.0), "u4": (1, 10.0)},
+    T3: {"u1": (1, 700.0), "u2": (2, 150.0), "u3": (3, 600.0), "u4": (1, 10.0)},
 }
 
 
@@ -133,6 +133,11 @@ def test_changes_over_three_runs(spark, three_runs):
             # T3: buyers now needs 2 orders; u2 and u3 stay (new interval, no change row)
             (T3, "buyers", "u1", "exit", "definition_changed"),
             (T3, "buyers", "u4", "exit", "definition_changed"),
+            # T3: u1 spends 700: vip matches 2 users again and outranks regular
+            (T3, "vip", "u1", "enter", "rule_matched"),
+            (T3, "vip", "u3", "enter", "rule_matched"),
+            (T3, "regular", "u1", "exit", "outranked_in_exclusive_group"),
+            (T3, "regular", "u3", "exit", "outranked_in_exclusive_group"),
         ]
     )
 
@@ -172,9 +177,11 @@ def test_membership_history_intervals(spark, three_runs):
             ("big_buyers", "u3", "bb3", T3, None, True, "rule"),
             ("vip", "u2", "v", T1, T2, False, "rule"),
             ("vip", "u3", "v", T1, T2, False, "rule"),
-            ("regular", "u1", "r", T1, None, True, "rule"),
+            ("vip", "u1", "v", T3, None, True, "rule"),
+            ("vip", "u3", "v", T3, None, True, "rule"),
+            ("regular", "u1", "r", T1, T3, False, "rule"),
             ("regular", "u2", "r", T2, None, True, "rule"),
-            ("regular", "u3", "r", T2, None, True, "rule"),
+            ("regular", "u3", "r", T2, T3, False, "rule"),
             ("regular", "u4", "r", T2, None, True, "rule"),
         ]
     )
@@ -197,6 +204,8 @@ def test_catalog_sizes_status_stability_and_overlap(spark, three_runs):
     assert summary(T2, "regular") == ("active", 4, 4, 1, 3, 0, 1.0)
     assert summary(T3, "buyers") == ("active", 2, 2, 4, 0, 2, 0.5)
     assert summary(T3, "big_buyers") == ("active", 2, 2, 2, 0, 0, 1.0)
+    assert summary(T3, "vip") == ("active", 2, 2, 0, 2, 0, None)
+    assert summary(T3, "regular") == ("active", 4, 2, 4, 0, 2, 0.5)
     assert rows[(T2, "vip")].status_reason == (
         "1 users matched, minimum 2 (min_size 2); members fall back to 'regular'"
     )
@@ -235,7 +244,8 @@ def test_point_in_time_queries(spark, three_runs):
     ]
     assert users(membership.members_at(spark, root, "vip", T2)) == []
     assert users(membership.members_at(spark, root, "buyers", T1 - timedelta(days=1))) == []
-    assert users(membership.current_members(spark, root, "regular")) == ["u1", "u2", "u3", "u4"]
+    assert users(membership.current_members(spark, root, "regular")) == ["u2", "u4"]
+    assert users(membership.current_members(spark, root, "vip")) == ["u1", "u3"]
     history = [
         (r.segment_id, r.valid_from, r.valid_to)
         for r in membership.user_history(spark, root, "u2").collect()
@@ -263,11 +273,12 @@ def test_change_data_feed_shows_the_last_run(spark, three_runs):
         .count()
         .collect()
     )
-    # T3 closed 4 + 2 intervals (buyers, big_buyers v1) and opened 2 + 2 under the new versions
+    # T3 closed 4 + 2 + 2 intervals (buyers and big_buyers v1, regular) and opened 2 + 2 + 2
+    # (buyers and big_buyers under the new versions, vip)
     assert {r._change_type: r["count"] for r in feed} == {
-        "insert": 4,
-        "update_preimage": 6,
-        "update_postimage": 6,
+        "insert": 6,
+        "update_preimage": 8,
+        "update_postimage": 8,
     }
 
 
