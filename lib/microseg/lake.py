@@ -136,6 +136,19 @@ SEGMENT_CATALOG = Table(
     comment="Per as-of and segment: definition, version, size, status, overlap.",
 )
 
+MODEL_REGISTRY = Table(
+    "gold/model_registry",
+    schemas.MODEL_REGISTRY,
+    comment="One row per trained model version, with parameters, metrics and saved path.",
+)
+
+
+def model_path(root: str, model_name: str, version: str) -> str:
+    """Where a model version's PipelineModel is saved: <lake root>/models/<name>/<version>."""
+    base = table_path(root, MODEL_REGISTRY).rsplit("/gold/", 1)[0]
+    return f"{base}/models/{model_name}/{version}"
+
+
 ALL_TABLES = (
     EVENTS,
     QUARANTINE,
@@ -146,6 +159,7 @@ ALL_TABLES = (
     SEGMENT_MEMBERSHIP,
     SEGMENT_CHANGES,
     SEGMENT_CATALOG,
+    MODEL_REGISTRY,
     WATERMARKS,
 )
 

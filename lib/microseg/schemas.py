@@ -257,3 +257,21 @@ SEGMENT_CATALOG = T.StructType(
         _field("recorded_at", TIMESTAMP, False, "Wall-clock time of the run"),
     ]
 )
+
+# gold/model_registry: one row per trained model version (clustering, propensity).
+MODEL_REGISTRY = T.StructType(
+    [
+        _field("model_name", STRING, False, "Model name, e.g. behavior or purchase_7d"),
+        _field("version", STRING, False, "Version id (time-ordered)"),
+        _field("kind", STRING, False, "cluster or propensity"),
+        _field("trained_at", TIMESTAMP, False, "Wall-clock time of training"),
+        _field("training_as_of", T.ArrayType(TIMESTAMP), False, "Feature snapshots trained on"),
+        _field("evaluation_as_of", TIMESTAMP, True, "Snapshot it was evaluated on, if any"),
+        _field("params", STRING, False, "Parameters as JSON"),
+        _field("metrics", T.MapType(STRING, T.DoubleType()), False, "Headline metrics"),
+        _field("details", STRING, True, "Everything else as JSON (per-k scores, profiles, ...)"),
+        _field("training_data_hash", STRING, False, "Hash of the training rows"),
+        _field("path", STRING, False, "Where the PipelineModel is saved"),
+        _field("run_id", STRING, False, "Run that trained it"),
+    ]
+)
