@@ -156,3 +156,40 @@ def test_run_writes_selected_features_and_rerun_replaces_its_as_of(spark, tmp_pa
 def test_every_feature_has_a_description():
     assert len(FEATURES) > 60
     assert all(f.description for f in FEATURES.values())
+
+
+def test_events_without_any_id_make_no_user_row(spark):
+    rows = [ev("k1", -60, user="u1"), ev("k2", -30)]  # k2: neither user_id nor anonymous_id
+    assert sorted(features_of(spark, rows)) == ["u1"]
+
+
+def test_as_of_means_utc_whatever_the_process_time_zone(tmp_path):
+    """PySpark reads naive datetimes in the process's zone; microseg's sessions run in UTC."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TEST_SETTINGS
+
+    script = (
+        "import sys; from datetime import datetime\n"
+        "from pyspark.sql import functions as F\n"
+        "from microseg.config import load_config\n"
+        "from microseg.spark import build_spark\n"
+        "cfg = load_config('conf/local.yaml', sys.argv[1:])\n"
+        "spark = build_spark(cfg.spark)\n"
+        "t = datetime(2026, 9, 6, 22, 4)\n"
+        "row = spark.range(1).select(F.unix_micros(F.lit(t)).alias('us')).first()\n"
+        "print(row.us, spark.createDataFrame([(t,)], 'ts timestamp').first().ts)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *TEST_SETTINGS],
+        cwd=ROOT,
+        env={**os.environ, "TZ": "America/New_York"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # 2026-09-06 22:04 UTC is 1788732240 s after the epoch
+    assert result.stdout.split()[-3:] == ["1788732240000000", "2026-09-06", "22:04:00"]

@@ -296,7 +296,8 @@ def _rfm_scores(base_df: DataFrame) -> DataFrame:
 def keyed_events_before(events_df: DataFrame, as_of: datetime) -> DataFrame:
     """Events strictly before as_of, keyed with the identity map learned from them alone."""
     before_df = events_df.filter(F.col("event_time") < F.lit(as_of))
-    return with_user_key(before_df, identity_map(before_df))
+    keyed_df = with_user_key(before_df, identity_map(before_df))
+    return keyed_df.filter(F.col("user_key").isNotNull())
 
 
 def compute_features(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from pyspark.sql import SparkSession
 
@@ -18,19 +19,37 @@ REQUIRED_CONF = {
 }
 
 
+def use_utc_clock() -> None:
+    """Make this Python process's local time zone UTC.
+
+    PySpark converts naive Python datetimes through the process's local zone (F.lit of a
+    datetime, createDataFrame, collect). microseg's naive datetimes mean UTC, so the driver
+    (and local Python workers, which inherit the variable) must run in UTC, or an as-of time
+    would shift by the local offset.
+    """
+    if os.environ.get("TZ") != "UTC":
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+
+
 def build_spark(cfg: SparkConfig, *, app_name: str | None = None) -> SparkSession:
     """Return the session for a job: Delta extensions and catalog on, session time zone UTC.
 
     When a session already exists in this process (spark-submit, a notebook, the test
     fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
     """
+    use_utc_clock()
     if cfg.master and cfg.master.startswith("local"):
         # local mode talks to itself only: loopback, not the first network interface
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder.appName(app_name or cfg.app_name)
     if cfg.master:
         builder = builder.master(cfg.master)
-    settings = {"spark.sql.shuffle.partitions": str(cfg.shuffle_partitions), **cfg.conf}
+    settings = {
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.executorEnv.TZ": "UTC",  # Python workers on a cluster, as use_utc_clock
+        **cfg.conf,
+    }
     if cfg.delta_jars:
         jars = [j for j in settings.get("spark.jars", "").split(",") if j]
         settings["spark.jars"] = ",".join([*delta_jars(cfg.delta_jars), *jars])
