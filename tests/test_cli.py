@@ -74,6 +74,14 @@ def test_job_failure_exits_1_with_one_line(spark, tmp_path, capsys):
     assert err[-1].startswith(
         f"microseg ingest: failed: SourceFormatError: file:{bad}: header 'a,b' differs"
     )
+    (run,) = lake.read_table(spark, str(tmp_path / "lake"), lake.RUNS).collect()
+    assert (run.job, run.status, run.rows_written, run.delta_versions) == (
+        "ingest",
+        "failed",
+        {},
+        {},
+    )
+    assert run.error.startswith(f"SourceFormatError: file:{bad}: header 'a,b' differs")
 
 
 def test_missing_input_exits_2(spark, tmp_path, capsys):
@@ -164,6 +172,26 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recent_buyers: Recent buyers (version " in out
     assert "2017-12-04T00:00:00" in out  # its catalog row
+    runs = sorted(
+        lake.read_table(spark, str(tmp_path / "lake"), lake.RUNS).collect(),
+        key=lambda r: r.started_at,
+    )
+    assert [(r.job, r.status) for r in runs] == [
+        ("ingest", "succeeded"),
+        ("sessionize", "succeeded"),
+        ("sessionize", "succeeded"),
+        ("features", "succeeded"),
+        ("segments run", "succeeded"),
+    ]
+    events = lake.read_table(spark, str(tmp_path / "lake"), lake.EVENTS).count()
+    assert runs[0].rows_read == {"input records": 2000}
+    assert runs[0].rows_written["bronze/events"] == events
+    assert runs[0].delta_versions["bronze/events"] == 1  # created empty (0), then the MERGE
+    assert runs[2].rows_written == {} and runs[2].delta_versions == {}  # nothing new
+    assert str(runs[3].as_of) == "2017-12-04 00:00:00"
+    assert main(job_args(tmp_path, "runs", "--limit", "2")) == 0
+    out = capsys.readouterr().out
+    assert "segments run" in out and "features" in out and "ingest" not in out
     assert main(job_args(tmp_path, "status")) == 0
     out = capsys.readouterr().out
     for table in (

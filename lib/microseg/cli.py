@@ -29,6 +29,12 @@ class Command:
     run: Callable[[Config, argparse.Namespace], int | None]
 
 
+def _spark(cfg: Config, job: str):
+    from microseg.spark import build_spark
+
+    return build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-{job}")
+
+
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source", required=True, help="source mapping name (conf/sources/NAME.yaml)"
@@ -47,12 +53,19 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
 def _ingest(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ingest import run_ingest
     from microseg.report import print_ingest_report
-    from microseg.spark import build_spark
+    from microseg.runs import recorded
 
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-ingest")
-    report = run_ingest(
-        spark, cfg, source=args.source, path=args.path, fmt=args.format, reprocess=args.reprocess
-    )
+    spark = _spark(cfg, "ingest")
+    with recorded(spark, cfg, job="ingest") as run:
+        report = run_ingest(
+            spark,
+            cfg,
+            source=args.source,
+            path=args.path,
+            fmt=args.format,
+            reprocess=args.reprocess,
+        )
+        run.read("input records", report.records)
     print_ingest_report(report)
     return 0
 
@@ -98,11 +111,14 @@ def _sessionize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.report import print_sessionize_report
+    from microseg.runs import recorded
     from microseg.sessions import run_sessionize
-    from microseg.spark import build_spark
 
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-sessionize")
-    print_sessionize_report(run_sessionize(spark, cfg, full=args.full))
+    spark = _spark(cfg, "sessionize")
+    with recorded(spark, cfg, job="sessionize") as run:
+        report = run_sessionize(spark, cfg, full=args.full)
+        run.read("bronze/events", report.new_events)
+    print_sessionize_report(report)
     return 0
 
 
@@ -130,10 +146,12 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 def _features(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.features import run_features
     from microseg.report import print_features_report
-    from microseg.spark import build_spark
+    from microseg.runs import recorded
 
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-features")
-    print_features_report(spark, cfg, run_features(spark, cfg, as_of=args.as_of))
+    spark = _spark(cfg, "features")
+    with recorded(spark, cfg, job="features", as_of=args.as_of):
+        result = run_features(spark, cfg, as_of=args.as_of)
+    print_features_report(spark, cfg, result)
     return 0
 
 
@@ -180,7 +198,11 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
             ) from None
         report.print_segment(spark, cfg, catalog, args.segment_id)
         return 0
-    report.print_segments_report(run_segments(spark, cfg, as_of=args.as_of, path=args.file))
+    from microseg.runs import recorded
+
+    with recorded(spark, cfg, job="segments run", as_of=args.as_of):
+        result = run_segments(spark, cfg, as_of=args.as_of, path=args.file)
+    report.print_segments_report(result)
     return 0
 
 
@@ -196,6 +218,20 @@ def _check_sql_without_data(cfg: Config, catalog) -> None:
     spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments-validate")
     schema = feature_frame_schema(rules.available_features(cfg))
     check_sql(catalog, spark.createDataFrame([], schema))
+
+
+def _runs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    parser.add_argument("--job", help="only this job, e.g. ingest or 'segments run'")
+
+
+def _runs(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.report import print_runs
+    from microseg.runs import recent_runs
+
+    spark = _spark(cfg, "runs")
+    print_runs(recent_runs(spark, cfg.lake.root, limit=args.limit, job=args.job))
+    return 0
 
 
 def _status(cfg: Config, args: argparse.Namespace) -> int:
@@ -253,6 +289,12 @@ COMMANDS: dict[str, Command] = {
             "rule segments: run --as-of T, validate, show ID",
             _segments_arguments,
             _segments,
+        ),
+        Command(
+            "runs",
+            "list recent job runs from ops/runs",
+            _runs_arguments,
+            _runs,
         ),
         Command(
             "status",

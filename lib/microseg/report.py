@@ -209,3 +209,23 @@ def print_segment(spark, cfg, catalog, segment_id: str) -> None:
             f"{r.exited:,}",
         )
     console.print(table)
+
+
+def print_runs(rows) -> None:
+    if not rows:
+        console.print("no runs recorded yet (ops/runs)")
+        return
+    table = Table("started (UTC)", "job", "as of", "status", "seconds", "rows written", "error")
+    for r in rows:
+        seconds = (r.ended_at - r.started_at).total_seconds()
+        written = ", ".join(f"{k} {v:,}" for k, v in sorted((r.rows_written or {}).items()))
+        table.add_row(
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.job,
+            r.as_of.isoformat() if r.as_of else "",
+            r.status,
+            f"{seconds:.1f}",
+            written,
+            r.error or "",
+        )
+    console.print(table)
