@@ -143,6 +143,20 @@ MODEL_REGISTRY = Table(
 )
 
 
+PROPENSITY_SCORES = Table(
+    "gold/propensity_scores",
+    schemas.PROPENSITY_SCORES,
+    partition_by=("as_of_date",),
+    comment="Propensity score and percentile per target, as-of time and user.",
+)
+
+RUNS = Table(
+    "ops/runs",
+    schemas.RUNS,
+    comment="One row per job run: status, rows read and written, Delta versions, error.",
+)
+
+
 def model_path(root: str, model_name: str, version: str) -> str:
     """Where a model version's PipelineModel is saved: <lake root>/models/<name>/<version>."""
     base = table_path(root, MODEL_REGISTRY).rsplit("/gold/", 1)[0]
@@ -160,7 +174,9 @@ ALL_TABLES = (
     SEGMENT_CHANGES,
     SEGMENT_CATALOG,
     MODEL_REGISTRY,
+    PROPENSITY_SCORES,
     WATERMARKS,
+    RUNS,
 )
 
 

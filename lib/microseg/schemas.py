@@ -275,3 +275,51 @@ MODEL_REGISTRY = T.StructType(
         _field("run_id", STRING, False, "Run that trained it"),
     ]
 )
+
+# gold/propensity_scores: one row per target, as-of and user (microseg.propensity).
+PROPENSITY_SCORES = T.StructType(
+    [
+        _field("model_name", STRING, False, "Target / model name, e.g. purchase_7d"),
+        _field("model_version", STRING, False, "Model version that scored (gold/model_registry)"),
+        _field("as_of", TIMESTAMP, False, "Features use only events strictly before this time"),
+        _field("as_of_date", T.DateType(), False, "UTC date of as_of; partition column"),
+        _field("user_key", STRING, False, "User key (see silver/sessions)"),
+        _field(
+            "score",
+            DOUBLE,
+            False,
+            "Calibrated probability of the target in [as_of, as_of + horizon)",
+        ),
+        _field("raw_score", DOUBLE, False, "GBT positive-class probability before calibration"),
+        _field("rank", LONG, False, "1 = highest; ties by raw_score, then user_key"),
+        _field("percentile", DOUBLE, False, "(users - rank + 1) / users: 1.0 for the top user"),
+        _field("run_id", STRING, False, "Run that scored"),
+        _field("scored_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)
+
+# ops/runs: one row per job run.
+RUNS = T.StructType(
+    [
+        _field("run_id", STRING, False, "Run id"),
+        _field("job", STRING, False, "Job (command), e.g. ingest, segments run, pipeline"),
+        _field("as_of", TIMESTAMP, True, "as-of time, for jobs that have one"),
+        _field("started_at", TIMESTAMP, False, "Start, UTC"),
+        _field("ended_at", TIMESTAMP, False, "End, UTC"),
+        _field("status", STRING, False, "succeeded, failed or interrupted"),
+        _field("rows_read", T.MapType(STRING, T.LongType()), False, "Rows read per table"),
+        _field(
+            "rows_written",
+            T.MapType(STRING, T.LongType()),
+            False,
+            "Rows added or changed per table (Delta commit metrics)",
+        ),
+        _field(
+            "delta_versions",
+            T.MapType(STRING, T.LongType()),
+            False,
+            "Latest Delta version per table the run changed",
+        ),
+        _field("error", STRING, True, "Error type and first line of its message, if it failed"),
+    ]
+)
