@@ -220,6 +220,87 @@ def _check_sql_without_data(cfg: Config, catalog) -> None:
     check_sql(catalog, spark.createDataFrame([], schema))
 
 
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=("train", "assign"), help="train a new model version, or assign users"
+    )
+    parser.add_argument("--as-of", required=True, type=_as_of, help="features snapshot time")
+    parser.add_argument("--version", help="model version to assign with (default: latest)")
+    parser.add_argument(
+        "--ground-truth",
+        metavar="USERS_CSV",
+        help="users.csv of `microseg generate`: report the adjusted Rand index vs personas",
+    )
+
+
+def _cluster(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg import clustering
+    from microseg.report import print_cluster_assign, print_cluster_train
+    from microseg.runs import recorded
+
+    spark = _spark(cfg, f"cluster-{args.action}")
+    with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of):
+        if args.action == "train":
+            result = clustering.train_clusters(
+                spark, cfg, as_of=args.as_of, ground_truth=args.ground_truth
+            )
+        else:
+            result = clustering.assign_clusters(spark, cfg, as_of=args.as_of, version=args.version)
+    (print_cluster_train if args.action == "train" else print_cluster_assign)(result)
+    return 0
+
+
+def _propensity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=("train", "score"), help="train a new model version, or score users"
+    )
+    parser.add_argument("--target", required=True, help="target name (propensity.targets)")
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="train: the evaluation snapshot (training snapshots lie before it); score: when",
+    )
+    parser.add_argument("--version", help="model version to score with (default: latest)")
+
+
+def _propensity(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg import propensity
+    from microseg.runs import recorded
+
+    spark = _spark(cfg, f"propensity-{args.action}")
+    with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of):
+        if args.action == "train":
+            result = propensity.train_propensity(spark, cfg, target=args.target, as_of=args.as_of)
+            text = propensity.format_train_report(result)
+        else:
+            result = propensity.score_propensity(
+                spark, cfg, target=args.target, as_of=args.as_of, version=args.version
+            )
+            text = propensity.format_score_report(result)
+    print(text)
+    return 0
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="point in time for features, segments and scores (UTC unless an offset is given)",
+    )
+
+
+def _pipeline(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.pipeline import run_pipeline
+    from microseg.report import PipelineProgress
+
+    spark = _spark(cfg, "pipeline")
+    with PipelineProgress() as progress:
+        run_pipeline(spark, cfg, as_of=args.as_of, progress=progress)
+    return 0
+
+
 def _runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     parser.add_argument("--job", help="only this job, e.g. ingest or 'segments run'")
@@ -289,6 +370,24 @@ COMMANDS: dict[str, Command] = {
             "rule segments: run --as-of T, validate, show ID",
             _segments_arguments,
             _segments,
+        ),
+        Command(
+            "cluster",
+            "KMeans behavioral clusters: train --as-of T, assign --as-of T",
+            _cluster_arguments,
+            _cluster,
+        ),
+        Command(
+            "propensity",
+            "GBT propensity models: train --target X --as-of T, score --target X --as-of T",
+            _propensity_arguments,
+            _propensity,
+        ),
+        Command(
+            "pipeline",
+            "ingest new files, then sessions, features, segments, clusters, scores as of T",
+            _pipeline_arguments,
+            _pipeline,
         ),
         Command(
             "runs",

@@ -132,6 +132,176 @@ class SegmentsConfig(Strict):
     file: str = Field("conf/segments.yaml", description="The segment rules (see README).")
 
 
+class ClusterConfig(Strict):
+    """Settings of `microseg cluster` (owned by lib/microseg/clustering.py).
+
+    Feature names are checked against the features `features.include` selects when a job
+    starts (clustering.check_config), since that needs both sections.
+    """
+
+    model_name: str = Field(
+        "behavior",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Model name: registry key, model folder and segment id prefix "
+        "(cluster_<model_name>_<stable id>).",
+    )
+    features: tuple[str, ...] = Field(
+        (
+            "orders_lifetime",
+            "avg_order_value_lifetime",
+            "sessions_90d",
+            "avg_session_seconds_lifetime",
+            "pages_per_session_lifetime",
+            "cart_abandoned_sessions_lifetime",
+            "days_since_last_event",
+            "tenure_days",
+            "campaign_session_share",
+            "desktop_session_share",
+        ),
+        description="Number features of gold/user_features the model clusters on.",
+    )
+    log_features: tuple[str, ...] = Field(
+        (
+            "orders_lifetime",
+            "avg_order_value_lifetime",
+            "sessions_90d",
+            "avg_session_seconds_lifetime",
+            "cart_abandoned_sessions_lifetime",
+        ),
+        description="Skewed money and count features taken as log1p (a subset of features).",
+    )
+    algorithm: Literal["kmeans", "bisecting_kmeans"] = Field(
+        "kmeans", description="pyspark.ml KMeans or BisectingKMeans."
+    )
+    k_min: int = Field(3, ge=2, description="Smallest number of clusters tried.")
+    k_max: int = Field(10, ge=2, description="Largest number of clusters tried (>= k_min).")
+    pca_components: int | None = Field(
+        None, ge=1, description="Project the scaled features on this many components; null: off."
+    )
+    search_sample_rows: int = Field(
+        50_000, ge=100, description="The k search fits on a random sample of about this many rows."
+    )
+    max_iter: int = Field(40, ge=1, description="KMeans maximum iterations.")
+    init_steps: int = Field(2, ge=1, description="k-means|| initialization steps.")
+    seed: int = Field(42, description="Seed of sampling and initialization.")
+    match_max_distance: float = Field(
+        1.0,
+        gt=0,
+        description="Largest RMS distance (in standard deviations per feature) at which a new "
+        "cluster inherits a previous cluster's stable id.",
+    )
+
+
+class PropensityConfig(Strict):
+    """Settings of `microseg propensity` (owned by lib/microseg/propensity.py)."""
+
+    class Target(Strict):
+        kind: Literal["purchase", "churn"] = Field(
+            description="purchase: buys in [T, T + horizon); churn: a prior buyer who does not."
+        )
+        horizon: Duration = Field(description="Length of the label window after T.")
+
+    class Grid(Strict):
+        max_depth: tuple[int, ...] = Field((3, 5), min_length=1, description="GBT maxDepth.")
+        max_iter: tuple[int, ...] = Field((40,), min_length=1, description="GBT trees.")
+        step_size: tuple[float, ...] = Field((0.1,), min_length=1, description="GBT stepSize.")
+
+    targets: dict[str, PropensityConfig.Target] = Field(
+        default_factory=lambda: {
+            "purchase_7d": PropensityConfig.Target(kind="purchase", horizon=timedelta(days=7)),
+            "churn_30d": PropensityConfig.Target(kind="churn", horizon=timedelta(days=30)),
+        },
+        description="Model name -> what it predicts; the name is --target and the model name.",
+    )
+    features: tuple[str, ...] | None = Field(
+        None, description="Numeric features the models use; null: every numeric feature computed."
+    )
+    snapshots: int = Field(
+        4, ge=2, description="Training as-of snapshots; the latest one fits the calibration."
+    )
+    snapshot_interval: Duration = Field(
+        timedelta(days=7), description="Time between two training snapshots."
+    )
+    grid: PropensityConfig.Grid = Field(
+        default_factory=lambda: PropensityConfig.Grid(), description="Hyperparameters tried."
+    )
+    validation: Literal["cross_validation", "train_validation_split"] = Field(
+        "cross_validation",
+        description="How the grid point is chosen: folds by user, or a random row split.",
+    )
+    train_ratio: float = Field(0.75, gt=0, lt=1, description="train_validation_split: fit share.")
+    folds: int = Field(3, ge=2, description="cross_validation: folds (all rows of a user in one).")
+    class_weights: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: each class weighs half of the fit rows."
+    )
+    metric: Literal["areaUnderPR", "areaUnderROC"] = Field(
+        "areaUnderPR", description="What the grid search maximizes."
+    )
+    top_share: float = Field(
+        0.1, gt=0, lt=1, description="Share of users in a target's segment (and for lift)."
+    )
+    calibration: Literal["isotonic"] = Field(
+        "isotonic", description="Calibration of the GBT score on the held-out snapshot."
+    )
+    seed: int = Field(42, description="Seed of the GBT, the split and the folds.")
+
+
+class PipelineInput(Strict):
+    source: str = Field(description="Source mapping name (conf/sources/NAME.yaml).")
+    path: str = Field(description="File, folder (recursive) or glob to ingest new files from.")
+    format: Literal["json", "csv", "parquet"] | None = None
+
+
+class PipelineConfig(Strict):
+    inputs: tuple[PipelineInput, ...] = Field(
+        (), description="What `microseg pipeline` ingests (only files not ingested yet)."
+    )
+
+
+class StreamConfig(Strict):
+    """Settings of `microseg stream` (owned by lib/microseg/streaming.py)."""
+
+    source: Literal["delta"] = Field(
+        "delta",
+        description="Where live events come from: bronze/events read as a Delta stream "
+        "(a Kafka source is a later step: streaming.SOURCES).",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Checkpoint folder of the stream's one sink; null: "
+        "<lake.root>/_checkpoints/stream. A new segment catalog needs a new folder.",
+    )
+    trigger_interval: Duration = Field(
+        timedelta(seconds=1),
+        description="Processing-time trigger: a micro-batch at most this often.",
+    )
+    watermark_delay: Duration = Field(
+        timedelta(minutes=10),
+        description="Events older than the latest event time minus this are late: the stream "
+        "drops and counts them (the next batch run uses them); time-driven exits fire once "
+        "the watermark passes them.",
+    )
+    state_partitions: int = Field(
+        8,
+        ge=1,
+        description="Shuffle partitions of the per-user state; fixed by the first run of a "
+        "checkpoint (later values are ignored for that checkpoint).",
+    )
+    state_store: Literal["hdfs", "rocksdb"] = Field(
+        "rocksdb",
+        description="State store provider (fixed by the first run of a checkpoint): rocksdb "
+        "keeps large state off the JVM heap; hdfs is Spark's in-memory default.",
+    )
+    max_files_per_trigger: int | None = Field(
+        None, ge=1, description="Delta source: at most this many new files per micro-batch."
+    )
+    segments: tuple[str, ...] | None = Field(
+        None,
+        description="Segment ids the stream keeps; null: every streaming-capable segment whose "
+        "rule has an event condition (feature-only rules change with snapshots, not events).",
+    )
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -167,6 +337,10 @@ class Config(Strict):
     sessions: SessionsConfig = SessionsConfig()
     features: FeaturesConfig = FeaturesConfig()
     segments: SegmentsConfig = SegmentsConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    propensity: PropensityConfig = PropensityConfig()
+    stream: StreamConfig = StreamConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -229,3 +229,91 @@ def print_runs(rows) -> None:
             r.error or "",
         )
     console.print(table)
+
+
+class PipelineProgress:
+    """Prints each pipeline stage as it starts and ends, then a summary table."""
+
+    def __init__(self) -> None:
+        self.results: list = []
+        self.started = 0.0
+
+    def __enter__(self) -> PipelineProgress:
+        import time
+
+        self.started = time.monotonic()
+        return self
+
+    def __call__(self, event) -> None:
+        if isinstance(event, str):
+            console.print(f"[bold]>> {event}[/bold]")
+            return
+        self.results.append(event)
+        rows = "" if event.rows is None else f", {event.rows:,} rows"
+        console.print(
+            f"   {event.stage}: {event.status}{rows}, {event.seconds:.1f} s; {event.detail}"
+        )
+
+    def __exit__(self, *exc_info) -> None:
+        import time
+
+        table = Table("stage", "status", "rows", "seconds", "detail", title="pipeline")
+        for r in self.results:
+            table.add_row(
+                r.stage,
+                r.status,
+                "" if r.rows is None else f"{r.rows:,}",
+                f"{r.seconds:.1f}",
+                r.detail,
+            )
+        console.print(table)
+        outcome = "failed" if exc_info[0] else "finished"
+        console.print(f"pipeline {outcome} in {time.monotonic() - self.started:.1f} s")
+
+
+def print_cluster_train(report) -> None:
+    console.print(
+        f"[bold]cluster train[/bold] model={report.model_name} version={report.version} "
+        f"as of {report.as_of.isoformat()}Z users={report.users:,} "
+        f"({report.training_seconds:.1f} s)"
+    )
+    scores = Table("k", "silhouette", "WCSS", title=f"k search on {report.sample_rows:,} users")
+    for s in report.scores:
+        mark = " <" if s.k == report.k else ""
+        silhouette = "" if s.silhouette is None else f"{s.silhouette:.4f}"
+        scores.add_row(f"{s.k}{mark}", silhouette, f"{s.wcss:,.1f}")
+    console.print(scores)
+    profiles = Table("cluster", "name", "size", "share", "sets it apart (z of the mean)")
+    for p in report.profiles:
+        apart = ", ".join(f"{d['feature']} {d['z']:+.1f}" for d in p.get("top_features", []))
+        profiles.add_row(
+            p.get("stable_id", ""),
+            p.get("name", ""),
+            f"{p.get('size', 0):,}",
+            f"{p.get('share', 0):.1%}",
+            apart,
+        )
+    console.print(profiles)
+    if report.ari is not None:
+        console.print(
+            f"adjusted Rand index vs generator personas: {report.ari:.3f} "
+            f"({report.ari_users:,} users)"
+        )
+
+
+def print_cluster_assign(report) -> None:
+    console.print(
+        f"[bold]cluster assign[/bold] model={report.model_name} version={report.version} "
+        f"as of {report.as_of.isoformat()}Z users={report.users:,}"
+    )
+    table = Table("segment", "name", "size", "entered", "exited", "stability")
+    for c in report.clusters:
+        table.add_row(
+            c.segment_id,
+            c.name,
+            f"{c.size:,}",
+            f"{c.entered:,}",
+            f"{c.exited:,}",
+            "" if c.stability is None else f"{c.stability:.0%}",
+        )
+    console.print(table)
