@@ -258,50 +258,6 @@ class PipelineConfig(Strict):
     )
 
 
-class StreamConfig(Strict):
-    """Settings of `microseg stream` (owned by lib/microseg/streaming.py)."""
-
-    source: Literal["delta"] = Field(
-        "delta",
-        description="Where live events come from: bronze/events read as a Delta stream "
-        "(a Kafka source is a later step: streaming.SOURCES).",
-    )
-    checkpoint: str | None = Field(
-        None,
-        description="Checkpoint folder of the stream's one sink; null: "
-        "<lake.root>/_checkpoints/stream. A new segment catalog needs a new folder.",
-    )
-    trigger_interval: Duration = Field(
-        timedelta(seconds=1),
-        description="Processing-time trigger: a micro-batch at most this often.",
-    )
-    watermark_delay: Duration = Field(
-        timedelta(minutes=10),
-        description="Events older than the latest event time minus this are late: the stream "
-        "drops and counts them (the next batch run uses them); time-driven exits fire once "
-        "the watermark passes them.",
-    )
-    state_partitions: int = Field(
-        8,
-        ge=1,
-        description="Shuffle partitions of the per-user state; fixed by the first run of a "
-        "checkpoint (later values are ignored for that checkpoint).",
-    )
-    state_store: Literal["hdfs", "rocksdb"] = Field(
-        "rocksdb",
-        description="State store provider (fixed by the first run of a checkpoint): rocksdb "
-        "keeps large state off the JVM heap; hdfs is Spark's in-memory default.",
-    )
-    max_files_per_trigger: int | None = Field(
-        None, ge=1, description="Delta source: at most this many new files per micro-batch."
-    )
-    segments: tuple[str, ...] | None = Field(
-        None,
-        description="Segment ids the stream keeps; null: every streaming-capable segment whose "
-        "rule has an event condition (feature-only rules change with snapshots, not events).",
-    )
-
-
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -340,7 +296,6 @@ class Config(Strict):
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()
-    stream: StreamConfig = StreamConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 
