@@ -1237,17 +1237,4 @@ def _write_catalog(
                 "recorded_at": now,
             }
         )
-    schema = lake.SEGMENT_CATALOG.schema
-    rows_df = spark.createDataFrame([[r[f.name] for f in schema.fields] for r in rows], schema)
-    target = lake.ensure_table(spark, root, lake.SEGMENT_CATALOG)
-    compared = ("definition_version", "matched", "size", "status", "entered", "exited")
-    (
-        target.alias("t")
-        .merge(
-            rows_df.alias("s"),
-            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
-        )
-        .whenMatchedUpdateAll(condition=" OR ".join(f"t.{c} <> s.{c}" for c in compared))
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    membership.write_catalog(spark, root, rows)

@@ -284,6 +284,31 @@ def overlap(spark: SparkSession, root: str, *, as_of: datetime) -> dict[str, dic
     return result
 
 
+_CATALOG_COMPARED = ("definition_version", "matched", "size", "status", "entered", "exited")
+
+
+def write_catalog(
+    spark: SparkSession, root: str, rows: list[dict], *, update_unchanged: bool = False
+) -> None:
+    """Upsert gold/segment_catalog rows (dicts with every column) keyed on (as_of, source,
+    segment_id). A row whose definition version, sizes, status and changes are the same is
+    left as it is (first run_id kept) unless update_unchanged."""
+    schema = lake.SEGMENT_CATALOG.schema
+    rows_df = spark.createDataFrame([[r[f.name] for f in schema.fields] for r in rows], schema)
+    changed = " OR ".join(f"t.{c} <> s.{c}" for c in _CATALOG_COMPARED)
+    (
+        lake.ensure_table(spark, root, lake.SEGMENT_CATALOG)
+        .alias("t")
+        .merge(
+            rows_df.alias("s"),
+            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
+        )
+        .whenMatchedUpdateAll(condition=None if update_unchanged else changed)
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
 # --------------------------------------------------------------------------------------
 # queries (README "Segment membership queries" has the same in SQL)
 

@@ -1132,19 +1132,7 @@ def _write_catalog(
         "run_id": run_id,
         "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
     }
-    schema = lake.SEGMENT_CATALOG.schema
-    rows_df = spark.createDataFrame([[row[f.name] for f in schema.fields]], schema)
-    target_table = lake.ensure_table(spark, cfg.lake.root, lake.SEGMENT_CATALOG)
-    (
-        target_table.alias("t")
-        .merge(
-            rows_df.alias("s"),
-            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
-        )
-        .whenMatchedUpdateAll()
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    membership.write_catalog(spark, cfg.lake.root, [row], update_unchanged=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -381,24 +380,11 @@ def _write_catalog(
                 "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
             }
         )
-    schema = lake.SEGMENT_CATALOG.schema
-    rows_df = spark.createDataFrame([[r[f.name] for f in schema.fields] for r in rows], schema)
-    target = lake.ensure_table(spark, root, lake.SEGMENT_CATALOG)
-    compared = ("definition_version", "matched", "size", "status", "entered", "exited")
-    (
-        target.alias("t")
-        .merge(
-            rows_df.alias("s"),
-            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
-        )
-        .whenMatchedUpdateAll(condition=" OR ".join(f"t.{c} <> s.{c}" for c in compared))
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    membership.write_catalog(spark, root, rows)
 
 
 def catalog_history(spark: SparkSession, root: str, segment_id: str) -> DataFrame | None:
-    if not DeltaTable.isDeltaTable(spark, lake.table_path(root, lake.SEGMENT_CATALOG)):
+    if not lake.table_exists(spark, root, lake.SEGMENT_CATALOG):
         return None
     return (
         lake.read_table(spark, root, lake.SEGMENT_CATALOG)
