@@ -1243,6 +1243,21 @@ STAGE_NOTES = {
 }
 
 
+def keep_other_stages(path: Path, result: dict) -> dict:
+    """result, plus the stages an earlier run at the same size measured and this one did not
+    (each stage result keeps the start time of the run that measured it)."""
+    for stage in result["stages"].values():
+        stage.setdefault("run_started", result["run_started"])
+    if not path.exists():
+        return result
+    earlier = json.loads(path.read_text())
+    for name, stage in earlier.get("stages", {}).items():
+        if name not in result["stages"]:
+            stage.setdefault("run_started", earlier.get("run_started"))
+            result["stages"][name] = stage
+    return result
+
+
 def write_markdown(
     path: Path,
     results: list[dict],
@@ -1258,9 +1273,10 @@ def write_markdown(
     lines = [
         "# Pipeline benchmark",
         "",
-        f"Run of {started} by `bench/sessionize_bench.py --stages {' '.join(stage_names)}` "
-        "(see bench/README.md). Seconds are wall-clock, input is the lake's bronze/events "
-        "(Delta), output a Delta table.",
+        f"Written {started} by `bench/sessionize_bench.py` (see bench/README.md) from every "
+        "bench/results/pipeline-<size>.json; the runs that measured each row are listed under "
+        "Run. Seconds are wall-clock, input is the lake's bronze/events (Delta), output a "
+        "Delta table.",
     ]
     for stage_name in stage_names:
         unit = STAGES[stage_name].unit
@@ -1317,9 +1333,10 @@ def write_markdown(
         "Self-check on hand-made edge cases (--self-check): "
         + {None: "not run", True: "PASS", False: "FAIL"}[self_checked],
         "",
-        "Load average (1, 5, 15 min) before each stage: "
+        "Run start and load average (1, 5, 15 min) before each stage: "
         + "; ".join(
-            f"{r['events']:,} {name}: {st['load_average_before']}"
+            f"{r['events']:,} {name}: {st.get('run_started', r.get('run_started'))}, "
+            f"{st['load_average_before']}"
             for r in results
             for name, st in r["stages"].items()
         ),
@@ -1450,11 +1467,15 @@ def main(argv: list[str] | None = None) -> int:
             machine = machine_facts(args, spark_holder)
             result["machine"] = machine
             out = results_dir / f"pipeline-{size}.json"
-            out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            out.write_text(json.dumps(keep_other_stages(out, result), indent=2, default=str) + "\n")
             print(f"wrote {out}")
     if results:
+        # the summary covers every size and stage measured so far, this run's and earlier ones
+        everything = [json.loads(f.read_text()) for f in results_dir.glob("pipeline-*.json")]
+        everything.sort(key=lambda r: r["events"])
+        stage_names = [n for n in STAGES if any(n in r["stages"] for r in everything)]
         summary = results_dir / "pipeline.md"
-        write_markdown(summary, results, args.stages, machine, started, self_checked, args)
+        write_markdown(summary, everything, stage_names, machine, started, self_checked, args)
         print(f"wrote {summary}")
     print("ALL AGREE" if ok else "DISAGREEMENT OR FAILURE (see above)")
     return 0 if ok else 1
