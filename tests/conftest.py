@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from microseg.config import Config, load_config
+from microseg.jars import kafka_connector_jars
 from microseg.spark import build_spark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +40,31 @@ def make_config(tmp_path: Path, *overrides: str) -> Config:
     )
 
 
+# Why the test session has no Kafka connector (it could not be resolved); read it through
+# the kafka_connector_problem fixture (conftest may be imported under two module names).
+_KAFKA_CONNECTOR_PROBLEM: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     os.chdir(ROOT)  # conf/ paths (log4j, sources) are relative to the repository
     cfg = make_config(tmp_path_factory.mktemp("session"))
-    session = build_spark(cfg.spark, app_name="microseg-tests")
+    # Spark's Kafka connector for the Kafka stream test; resolved once into the JAR cache
+    kafka = True
+    try:
+        kafka_connector_jars(cfg.spark.delta_jars)
+    except Exception as exc:  # noqa: BLE001 - the Kafka test skips and says why
+        _KAFKA_CONNECTOR_PROBLEM.append(str(exc))
+        kafka = False
+    session = build_spark(cfg.spark, app_name="microseg-tests", kafka=kafka)
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_connector_problem(spark) -> str | None:
+    """Why the session has no Kafka connector, or None."""
+    return _KAFKA_CONNECTOR_PROBLEM[0] if _KAFKA_CONNECTOR_PROBLEM else None
 
 
 @pytest.fixture

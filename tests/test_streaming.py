@@ -504,3 +504,107 @@ def test_stream_membership_equals_the_batch_job(spark, tmp_path):
         ("u4", "recent_buyers", "enter", "rule_matched", at(0)),
         ("u4", "recent_buyers", "exit", "no_longer_matched", at(3 * DAY)),
     ]
+
+
+# --------------------------------------------------------------------------------------
+# Kafka: a real single-node broker (KRaft), started from Maven Central artifacts
+
+
+@pytest.fixture(scope="module")
+def kafka(tmp_path_factory, kafka_connector_problem):
+    from tests.kafka_broker import BrokerUnavailable, start_broker
+
+    if kafka_connector_problem:
+        pytest.skip(f"Kafka test skipped: no Spark Kafka connector: {kafka_connector_problem}")
+    try:
+        broker = start_broker(tmp_path_factory.mktemp("kafka"))
+    except BrokerUnavailable as exc:
+        pytest.skip(f"Kafka test skipped: the broker cannot be started here: {exc}")
+    yield broker.bootstrap_servers
+    broker.stop()
+
+
+def produce(spark, bootstrap: str, topic: str, values: list[str]) -> None:
+    """Append records (values only) to the topic with Spark's Kafka writer, in this order."""
+    spark.createDataFrame([(v,) for v in values], "value string").coalesce(1).write.format(
+        "kafka"
+    ).option("kafka.bootstrap.servers", bootstrap).option("topic", topic).save()
+
+
+def tracked(event_id: str, minute: int, event_type: str, user: str) -> str:
+    """One event as the synthetic source mapping's JSON (what a tracking SDK sends)."""
+    ts = (T0 + timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        f'{{"id": "{event_id}", "ts": "{ts}", "type": "{event_type}", "user": {{"id": "{user}"}}}}'
+    )
+
+
+@pytest.mark.slow
+def test_kafka_topic_is_ingested_with_quarantine_and_updates_segments(
+    spark, tmp_path, kafka, key_env
+):
+    topic = "events-" + tmp_path.name.replace("_", "-")[-40:]
+    cfg = stream_config(
+        tmp_path,
+        CATALOG,
+        "stream.source=kafka",
+        f"stream.kafka.bootstrap_servers={kafka}",
+        f"stream.kafka.topic={topic}",
+        "stream.kafka.mapping=synthetic",
+    )
+    produce(
+        spark,
+        kafka,
+        topic,
+        [
+            tracked("k1", 0, "add_to_cart", "u1"),  # offset 0
+            tracked("k2", 10, "page_view", "u2"),  # 1
+            '{"id": "k3", "ts": "2026-09-01T10:20:00Z", "type": ',  # 2: cut off
+            tracked("k4", 20, "teleport", "u2"),  # 3: unknown event type
+            tracked("k1", 25, "add_to_cart", "u1"),  # 4: event_id k1 again
+        ],
+    )
+    report = streaming.run_stream(spark, cfg, available_now=True)
+    assert (report.kafka.records, report.kafka.events_added, report.kafka.quarantined) == (5, 2, 3)
+    source_file = f"kafka:{topic}/0"
+    events = lake.read_table(spark, cfg.lake.root, lake.EVENTS)
+    assert sorted(
+        (r.event_id, r.event_type, r.user_id, r.source, r.source_file, r.source_line)
+        for r in events.collect()
+    ) == [
+        ("k1", "add_to_cart", "u1", "synthetic", source_file, 0),
+        ("k2", "page_view", "u2", "synthetic", source_file, 1),
+    ]
+    quarantine = lake.read_table(spark, cfg.lake.root, lake.QUARANTINE)
+    assert sorted((r.source_line, r.reason) for r in quarantine.collect()) == [
+        (2, "malformed_record"),
+        (3, "unknown_event_type"),
+        (4, "duplicate_event"),
+    ]
+    assert changes(spark, cfg) == [("u1", CAB, "enter", "rule_matched", at(0))]
+
+    # the next run reads only the new offsets, from the Kafka query's checkpoint
+    produce(spark, kafka, topic, [tracked("k5", 30, "purchase", "u1")])
+    report = streaming.run_stream(spark, cfg, available_now=True)
+    assert (report.kafka.records, report.kafka.events_added) == (1, 1)
+    assert changes(spark, cfg) == [
+        ("u1", CAB, "enter", "rule_matched", at(0)),
+        ("u1", CAB, "exit", "no_longer_matched", at(30)),
+        ("u1", RB, "enter", "rule_matched", at(30)),
+    ]
+
+    # reading the whole topic again (a lost Kafka checkpoint) adds nothing anywhere
+    again = stream_config(
+        tmp_path,
+        CATALOG,
+        "stream.source=kafka",
+        f"stream.kafka.bootstrap_servers={kafka}",
+        f"stream.kafka.topic={topic}",
+        f"stream.checkpoint={tmp_path / 'second-checkpoint'}",
+    )
+    report = streaming.run_stream(spark, again, available_now=True)
+    assert (report.kafka.records, report.kafka.events_added) == (6, 0)
+    assert report.kafka.already_present == 3
+    assert lake.read_table(spark, cfg.lake.root, lake.EVENTS).count() == 3
+    assert lake.read_table(spark, cfg.lake.root, lake.QUARANTINE).count() == 3
+    assert len(changes(spark, cfg)) == 3

@@ -301,6 +301,41 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--available-now",
+        action="store_true",
+        help="process what the source holds now, then stop (instead of running until stopped)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop after this many seconds"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no line per micro-batch with segment changes"
+    )
+
+
+def _stream(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg import streaming
+    from microseg.report import print_stream_changes, print_stream_report
+    from microseg.runs import recorded
+    from microseg.spark import build_spark
+
+    spark = build_spark(
+        cfg.spark, app_name=f"{cfg.spark.app_name}-stream", kafka=cfg.stream.source == "kafka"
+    )
+    with recorded(spark, cfg, job="stream"):
+        report = streaming.run_stream(
+            spark,
+            cfg,
+            available_now=args.available_now,
+            timeout=args.timeout,
+            on_changes=None if args.quiet else print_stream_changes,
+        )
+    print_stream_report(report)
+    return 0
+
+
 def _runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     parser.add_argument("--job", help="only this job, e.g. ingest or 'segments run'")
@@ -388,6 +423,12 @@ COMMANDS: dict[str, Command] = {
             "ingest new files, then sessions, features, segments, clusters, scores as of T",
             _pipeline_arguments,
             _pipeline,
+        ),
+        Command(
+            "stream",
+            "keep streaming-capable segments fresh with Structured Streaming (Delta or Kafka)",
+            _stream_arguments,
+            _stream,
         ),
         Command(
             "runs",

@@ -258,6 +258,76 @@ class PipelineConfig(Strict):
     )
 
 
+class StreamConfig(Strict):
+    """Settings of `microseg stream` (owned by lib/microseg/streaming.py)."""
+
+    class Kafka(Strict):
+        """stream.source kafka: a topic ingested into bronze by a second streaming query."""
+
+        bootstrap_servers: str = Field(
+            "localhost:9092", description="Kafka brokers, host:port[,host:port...]."
+        )
+        topic: str = Field("events", description="Topic whose record values are the events.")
+        mapping: str = Field(
+            "synthetic",
+            description="Source mapping (ingest.sources_dir) of the record values, as for "
+            "`microseg ingest --source`; only its json format is read from Kafka.",
+        )
+        starting_offsets: Literal["earliest", "latest"] = Field(
+            "earliest", description="Where a new checkpoint starts reading the topic."
+        )
+        max_offsets_per_trigger: int | None = Field(
+            None, ge=1, description="At most this many records per micro-batch (null: all)."
+        )
+        options: dict[str, str] = Field(
+            default_factory=dict,
+            description="More Kafka reader options, e.g. kafka.security.protocol "
+            "(passed to Spark's Kafka source as they are).",
+        )
+
+    source: Literal["delta", "kafka"] = Field(
+        "delta",
+        description="Where live events come from: delta reads bronze/events as a Delta "
+        "stream; kafka also runs a query that ingests stream.kafka.topic into bronze/events "
+        "and bronze/quarantine with the batch validation.",
+    )
+    kafka: Kafka = Kafka()
+    checkpoint: str | None = Field(
+        None,
+        description="Checkpoint folder of the stream's one sink; null: "
+        "<lake.root>/_checkpoints/stream. A new segment catalog needs a new folder.",
+    )
+    trigger_interval: Duration = Field(
+        timedelta(seconds=1),
+        description="Processing-time trigger: a micro-batch at most this often.",
+    )
+    watermark_delay: Duration = Field(
+        timedelta(minutes=10),
+        description="Events older than the latest event time minus this are late: the stream "
+        "drops and counts them (the next batch run uses them); time-driven exits fire once "
+        "the watermark passes them.",
+    )
+    state_partitions: int = Field(
+        8,
+        ge=1,
+        description="Shuffle partitions of the per-user state; fixed by the first run of a "
+        "checkpoint (later values are ignored for that checkpoint).",
+    )
+    state_store: Literal["hdfs", "rocksdb"] = Field(
+        "rocksdb",
+        description="State store provider (fixed by the first run of a checkpoint): rocksdb "
+        "keeps large state off the JVM heap; hdfs is Spark's in-memory default.",
+    )
+    max_files_per_trigger: int | None = Field(
+        None, ge=1, description="Delta source: at most this many new files per micro-batch."
+    )
+    segments: tuple[str, ...] | None = Field(
+        None,
+        description="Segment ids the stream keeps; null: every streaming-capable segment whose "
+        "rule has an event condition (feature-only rules change with snapshots, not events).",
+    )
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -296,6 +366,7 @@ class Config(Strict):
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()
+    stream: StreamConfig = StreamConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -392,6 +392,65 @@ def event_rows(classified_df: DataFrame, *, source: str, run_id: str, now: datet
     )
 
 
+def validate(
+    spark: SparkSession,
+    cfg: Config,
+    records_df: DataFrame,
+    *,
+    mapping: SourceMapping,
+    now: datetime,
+) -> DataFrame:
+    """read_records' rows -> classified canonical records (see classify), checked against
+    what bronze/events holds; the raw text is kept for quarantined records only."""
+    checked_df = to_canonical(
+        records_df,
+        mapping=mapping,
+        event_types=tuple(cfg.ingest.event_types),
+        earliest=cfg.ingest.min_event_time,
+        latest=now + cfg.ingest.max_future_skew,
+        key=cfg.privacy.key(),
+    )
+    root = cfg.lake.root
+    existing_df = (
+        lake.read_table(spark, root, lake.EVENTS).select("event_id", "source_file", "source_line")
+        if lake.table_exists(spark, root, lake.EVENTS)
+        else None
+    )
+    return classify(checked_df, existing_df).withColumn(
+        "raw", F.when(F.col("outcome") == "quarantined", F.col("raw"))
+    )
+
+
+def write_classified(
+    spark: SparkSession,
+    root: str,
+    classified_df: DataFrame,
+    *,
+    source: str,
+    run_id: str,
+    now: datetime,
+) -> None:
+    """Quarantine first, then events, each one atomic insert-only commit: running it again on
+    the same records adds nothing, so a crash between the two is completed by a re-run."""
+    with timed("write bronze/quarantine"):
+        lake.insert_new(
+            spark,
+            root,
+            lake.QUARANTINE,
+            quarantine_rows(classified_df, source=source, run_id=run_id, now=now),
+            keys=("record_id",),
+        )
+    failpoint("ingest.after_quarantine")
+    with timed("write bronze/events"):
+        lake.insert_new(
+            spark,
+            root,
+            lake.EVENTS,
+            event_rows(classified_df, source=source, run_id=run_id, now=now),
+            keys=("event_id",),
+        )
+
+
 # --------------------------------------------------------------------------------------
 # the job
 
@@ -482,24 +541,8 @@ def run_ingest(
         return report
 
     records_df = read_records(spark, mapping, todo, fmt)
-    checked_df = to_canonical(
-        records_df,
-        mapping=mapping,
-        event_types=tuple(cfg.ingest.event_types),
-        earliest=cfg.ingest.min_event_time,
-        latest=started + cfg.ingest.max_future_skew,
-        key=cfg.privacy.key(),
-    )
-    existing_df = (
-        lake.read_table(spark, root, lake.EVENTS).select("event_id", "source_file", "source_line")
-        if lake.table_exists(spark, root, lake.EVENTS)
-        else None
-    )
-    classified_df = (
-        classify(checked_df, existing_df)
-        # the raw text is kept for quarantined records only: a smaller cache
-        .withColumn("raw", F.when(F.col("outcome") == "quarantined", F.col("raw")))
-        .persist(StorageLevel.MEMORY_AND_DISK)
+    classified_df = validate(spark, cfg, records_df, mapping=mapping, now=started).persist(
+        StorageLevel.MEMORY_AND_DISK
     )
     try:
         with timed("validate and classify"):
@@ -519,23 +562,9 @@ def run_ingest(
                 report.reasons[row.reason] = report.reasons.get(row.reason, 0) + row["count"]
         report.files = list(by_path.values())
 
-        with timed("write bronze/quarantine"):
-            lake.insert_new(
-                spark,
-                root,
-                lake.QUARANTINE,
-                quarantine_rows(classified_df, source=source, run_id=report.run_id, now=started),
-                keys=("record_id",),
-            )
-        failpoint("ingest.after_quarantine")
-        with timed("write bronze/events"):
-            lake.insert_new(
-                spark,
-                root,
-                lake.EVENTS,
-                event_rows(classified_df, source=source, run_id=report.run_id, now=started),
-                keys=("event_id",),
-            )
+        write_classified(
+            spark, root, classified_df, source=source, run_id=report.run_id, now=started
+        )
         failpoint("ingest.after_events")
         with timed("write ops/ingested_files"):
             _log_files(spark, root, report)

@@ -1,4 +1,5 @@
-"""The Delta Lake JARs: resolved from Maven Central once, then loaded from a local folder.
+"""JARs from Maven Central (Delta Lake; the Kafka connector for `microseg stream`): resolved
+once, then loaded from a local folder.
 
 Resolving `spark.jars.packages` at every start costs seconds, prints a long Ivy report and
 needs the network. Instead the first start resolves the JARs into a folder (quietly, with the
@@ -7,6 +8,7 @@ report in a log file beside it) and every later start, online or not, uses that 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import sys
 from pyspark.sql import SparkSession
 spark = (SparkSession.builder.master("local[1]")
          .config("spark.jars.packages", sys.argv[1]).config("spark.jars.ivy", sys.argv[2])
+         .config("spark.jars.excludes", sys.argv[3])
          .config("spark.ui.enabled", "false").getOrCreate())
 spark.stop()
 """
@@ -33,9 +36,51 @@ def delta_coordinates() -> str:
     return f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
 
 
+def kafka_coordinates() -> str:
+    """Maven coordinates of Spark's Kafka connector for the installed pyspark."""
+    import pyspark
+
+    return f"org.apache.spark:spark-sql-kafka-0-10_2.13:{pyspark.__version__}"
+
+
+# The connector's own kafka-clients (3.9.x for Spark 4.2) is not on every Maven mirror; the
+# 4.x client speaks the same protocol and API the connector uses.
+KAFKA_CLIENTS = "org.apache.kafka:kafka-clients:4.1.1"
+
+
+def kafka_connector_jars(cache_dir: str) -> list[str]:
+    """Spark's Kafka connector and a kafka-clients it works with, resolved into cache_dir,
+    without the libraries pyspark ships itself (Hadoop client, slf4j, compression codecs):
+    two versions of one library on the classpath is a conflict waiting to happen."""
+    connector = resolved_jars(
+        cache_dir, kafka_coordinates(), excludes="org.apache.kafka:kafka-clients"
+    )
+    jars = [*connector, *resolved_jars(cache_dir, KAFKA_CLIENTS)]
+    shipped = {_artifact(j.name) for j in _pyspark_jars()}
+    return [j for j in jars if _artifact(Path(j).name.split("_", 1)[-1]) not in shipped]
+
+
+def _pyspark_jars() -> list[Path]:
+    import pyspark
+
+    return sorted(Path(pyspark.__file__).parent.joinpath("jars").glob("*.jar"))
+
+
+def _artifact(file_name: str) -> str:
+    """The artifact id of a JAR file name: everything before -<version>."""
+    match = re.match(r"(.+?)-\d", file_name)
+    return match.group(1) if match else file_name
+
+
 def delta_jars(cache_dir: str) -> list[str]:
     """Paths of the Delta JARs in cache_dir, resolving them from Maven first if absent."""
-    coordinates = delta_coordinates()
+    return resolved_jars(cache_dir, delta_coordinates())
+
+
+def resolved_jars(cache_dir: str, coordinates: str, excludes: str = "") -> list[str]:
+    """Paths of the JARs of `coordinates` (with their dependencies, but not `excludes`:
+    comma-separated group:artifact) in cache_dir, resolving them from Maven first if absent.
+    Spark's resolver leaves out what every Spark has (scala-library, Spark's modules)."""
     folder = Path(cache_dir).expanduser() / coordinates.split(":", 1)[1].replace(":", "-")
     jars = sorted(folder.glob("*.jar"))
     if jars:
@@ -45,7 +90,7 @@ def delta_jars(cache_dir: str) -> list[str]:
     with tempfile.TemporaryDirectory(dir=folder.parent) as ivy_dir, open(log_path, "w") as log:
         print(f"microseg: resolving {coordinates} from Maven Central (once) ...", file=sys.stderr)
         result = subprocess.run(
-            [sys.executable, "-c", _FETCH, coordinates, ivy_dir],
+            [sys.executable, "-c", _FETCH, coordinates, ivy_dir, excludes],
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=900,

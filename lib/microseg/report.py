@@ -317,3 +317,32 @@ def print_cluster_assign(report) -> None:
             "" if c.stability is None else f"{c.stability:.0%}",
         )
     console.print(table)
+
+
+def print_stream_changes(batch_id: int, counts: dict[tuple[str, str], int]) -> None:
+    """One line per micro-batch with segment changes: +entered / -exited per segment."""
+    by_segment: dict[str, dict[str, int]] = {}
+    for (segment_id, change), n in counts.items():
+        by_segment.setdefault(segment_id, {})[change] = n
+    parts = [
+        f"{segment_id} +{c.get('enter', 0)} -{c.get('exit', 0)}"
+        for segment_id, c in sorted(by_segment.items())
+    ]
+    console.print(f"[bold]stream[/bold] batch {batch_id}: " + ", ".join(parts))
+
+
+def print_stream_report(report) -> None:
+    console.print(
+        f"[bold]stream[/bold] query {report.query_id}: {report.batches} micro-batches, "
+        f"{report.input_rows} events read, {report.points} evaluation points, "
+        f"{report.changes} segment changes, {report.late_events} late events (beyond the "
+        "watermark: in bronze, left to the next batch run)"
+    )
+    console.print("segments kept by the stream: " + ", ".join(report.segments))
+    if report.kafka is not None:
+        k = report.kafka
+        console.print(
+            f"kafka ingest: {k.batches} micro-batches, {k.records} records, "
+            f"{k.events_added} events added to bronze/events, {k.quarantined} quarantined, "
+            f"{k.already_present} already present"
+        )

@@ -186,7 +186,7 @@ SEGMENT_MEMBERSHIP = T.StructType(
     [
         _field("user_key", STRING, False, "User key (see silver/sessions)"),
         _field("segment_id", STRING, False, "Segment id (conf/segments.yaml, cluster or model)"),
-        _field("source", STRING, False, "What assigned it: rule, cluster or propensity"),
+        _field("source", STRING, False, "What assigned it: rule, cluster, propensity or stream"),
         _field("definition_version", STRING, False, "Hash of the segment definition or model"),
         _field("score", T.DoubleType(), True, "Score at entry (cluster distance, propensity)"),
         _field("valid_from", TIMESTAMP, False, "as-of time of the run the user entered"),
@@ -202,7 +202,7 @@ SEGMENT_CHANGES = T.StructType(
     [
         _field("user_key", STRING, False, "User key"),
         _field("segment_id", STRING, False, "Segment id"),
-        _field("source", STRING, False, "rule, cluster or propensity"),
+        _field("source", STRING, False, "rule, cluster, propensity or stream"),
         _field("change", STRING, False, "enter or exit"),
         _field(
             "reason",

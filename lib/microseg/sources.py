@@ -344,8 +344,21 @@ def _read_records(
         _check_csv_headers(raw_lines_df, mapping)
         lines_df = lines_df.filter(F.col("source_line") > 1)
     lines_df = lines_df.filter(F.trim("raw") != "")
+    return records_of_lines(lines_df, mapping, fmt)
+
+
+def records_of_lines(
+    lines_df: DataFrame, mapping: SourceMapping, fmt: str | None = None
+) -> DataFrame:
+    """read_records' rows from text records that are already apart (source_file, source_line,
+    raw): lines of a file, or the values of Kafka records."""
+    fmt = fmt or mapping.format
     if fmt == "csv":
+        if mapping.csv is None:
+            raise SourceFormatError(f"source '{mapping.name}' declares no csv columns")
         return _csv_records(lines_df, mapping)
+    if fmt != "json":
+        raise SourceFormatError(f"source '{mapping.name}': {fmt} records are not text lines")
     return _json_records(lines_df, mapping)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from pyspark.sql import SparkSession
 
 from microseg.config import SparkConfig
-from microseg.jars import delta_jars
+from microseg.jars import delta_jars, kafka_connector_jars, kafka_coordinates
 
 # Settings every microseg session needs; config may add to them but not change them.
 REQUIRED_CONF = {
@@ -32,16 +33,23 @@ def use_utc_clock() -> None:
         time.tzset()
 
 
-def build_spark(cfg: SparkConfig, *, app_name: str | None = None) -> SparkSession:
+def build_spark(
+    cfg: SparkConfig, *, app_name: str | None = None, kafka: bool = False
+) -> SparkSession:
     """Return the session for a job: Delta extensions and catalog on, session time zone UTC.
 
     When a session already exists in this process (spark-submit, a notebook, the test
     fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
+    `kafka`: also load Spark's Kafka connector (resolved into the cfg.delta_jars folder like
+    Delta's JARs; without that folder, added to spark.jars.packages).
     """
     use_utc_clock()
     if cfg.master and cfg.master.startswith("local"):
         # local mode talks to itself only: loopback, not the first network interface
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        # Python workers (the stream's per-user state, pandas UDFs) run this interpreter,
+        # whose environment has pandas and pyarrow, unless the user chose another one.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name or cfg.app_name)
     if cfg.master:
         builder = builder.master(cfg.master)
@@ -52,7 +60,12 @@ def build_spark(cfg: SparkConfig, *, app_name: str | None = None) -> SparkSessio
     }
     if cfg.delta_jars:
         jars = [j for j in settings.get("spark.jars", "").split(",") if j]
-        settings["spark.jars"] = ",".join([*delta_jars(cfg.delta_jars), *jars])
+        if kafka:
+            jars = [*kafka_connector_jars(cfg.delta_jars), *jars]
+        settings["spark.jars"] = ",".join(dict.fromkeys([*delta_jars(cfg.delta_jars), *jars]))
+    elif kafka:
+        listed = [p for p in settings.get("spark.jars.packages", "").split(",") if p]
+        settings["spark.jars.packages"] = ",".join([*listed, kafka_coordinates()])
     settings.update(REQUIRED_CONF)
     for key, value in settings.items():
         builder = builder.config(key, value)

@@ -4,10 +4,14 @@ One query: live events -> per-user state -> facts at evaluation points -> the sa
 rules as the batch job -> enter / exit transitions MERGEd into gold/segment_changes and
 gold/segment_membership (source "stream"). One sink, one checkpoint (`stream.checkpoint`).
 
-Source. `SOURCES[stream.source](spark, cfg)` returns the streaming events DataFrame in the
-canonical schema (schemas.EVENTS). Today: bronze/events as a Delta stream from its first
-version (so the state is built from the whole history), `skipChangeCommits` on (deletes by a
-forget job do not stop the stream). A Kafka source plugs in as one more function there.
+Source. The segment query reads bronze/events as a Delta stream from its first version (so
+the state is built from the whole history), `skipChangeCommits` on (deletes by a forget job
+do not stop the stream). With stream.source kafka, a second query (checkpoint
+`<stream.checkpoint>_kafka_ingest`) reads stream.kafka.topic with Spark's Kafka connector and
+ingests each micro-batch into bronze/events and bronze/quarantine through the batch ingest's
+validation (ingest.validate / ingest.write_classified; records are keyed
+`kafka:<topic>/<partition>` and offset, so a replayed micro-batch adds nothing); the segment
+query picks the new bronze commits up like any other.
 
 Keys. user_key as in microseg.sessions: user_id; else the user id the anonymous id is stitched
 to in silver/identity_map (a broadcast stream-static join with the table as the Delta reader
@@ -95,12 +99,14 @@ from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
-from microseg import lake, rules
+from microseg import ingest, lake, rules
 from microseg.config import Config, ConfigError
 from microseg.sessions import user_key_of, with_user_key
+from microseg.sources import load_source, records_of_lines
 
 SOURCE = "stream"
 QUERY_NAME = "microseg_stream"
+KAFKA_QUERY_NAME = "microseg_kafka_ingest"
 STATE_STORES = {
     "hdfs": "org.apache.spark.sql.execution.streaming.state.HDFSBackedStateStoreProvider",
     "rocksdb": "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider",
@@ -120,7 +126,115 @@ def delta_events(spark: SparkSession, cfg: Config) -> DataFrame:
     return reader.load(lake.table_path(cfg.lake.root, lake.EVENTS))
 
 
-SOURCES: dict[str, Callable[[SparkSession, Config], DataFrame]] = {"delta": delta_events}
+# --------------------------------------------------------------------------------------
+# Kafka: a second query ingests the topic into bronze (same validation as batch ingest)
+
+
+def kafka_checkpoint_path(cfg: Config) -> str:
+    """The Kafka ingest query's checkpoint: kafka_ingest/ beside the segment query's."""
+    return checkpoint_path(cfg).rstrip("/") + "_kafka_ingest"
+
+
+def kafka_lines(spark: SparkSession, cfg: Config) -> DataFrame:
+    """The topic as text records: source_file `kafka:<topic>/<partition>`, source_line the
+    offset, raw the record value (read_records' input shape)."""
+    kafka = cfg.stream.kafka
+    reader = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", kafka.bootstrap_servers)
+        .option("subscribe", kafka.topic)
+        .option("startingOffsets", kafka.starting_offsets)
+        # retention deleting unread records is data loss: fail loudly, never skip silently
+        .option("failOnDataLoss", "true")
+    )
+    if kafka.max_offsets_per_trigger is not None:
+        reader = reader.option("maxOffsetsPerTrigger", kafka.max_offsets_per_trigger)
+    for key, value in kafka.options.items():
+        reader = reader.option(key, value)
+    return reader.load().select(
+        F.format_string("kafka:%s/%d", "topic", "partition").alias("source_file"),
+        F.col("offset").alias("source_line"),
+        F.col("value").cast("string").alias("raw"),
+    )
+
+
+@dataclass
+class IngestStats:
+    """Counts over the Kafka micro-batches ingested by this process."""
+
+    batches: int = 0
+    records: int = 0
+    events_added: int = 0
+    already_present: int = 0  # a replayed micro-batch: its records are in bronze already
+    quarantined: int = 0
+
+
+def ingest_kafka_batch(
+    lines_df: DataFrame, batch_id: int, *, cfg: Config, mapping, stats: IngestStats
+) -> None:
+    """The Kafka query's foreachBatch function: validate the records as `microseg ingest`
+    does and write bronze/quarantine, then bronze/events, insert-only by record and event id,
+    so a replayed micro-batch adds nothing."""
+    spark = lines_df.sparkSession
+    clock = datetime.now(timezone.utc)
+    now = clock.replace(microsecond=clock.microsecond // 1000 * 1000)
+    records_df = records_of_lines(lines_df, mapping)
+    classified_df = ingest.validate(spark, cfg, records_df, mapping=mapping, now=now).persist()
+    try:
+        counts = {r.outcome: r["count"] for r in classified_df.groupBy("outcome").count().collect()}
+        stats.batches += 1
+        stats.records += sum(counts.values())
+        stats.events_added += counts.get("new", 0)
+        stats.already_present += counts.get("present", 0)
+        stats.quarantined += counts.get("quarantined", 0)
+        if counts.get("new") or counts.get("quarantined"):
+            ingest.write_classified(
+                spark,
+                cfg.lake.root,
+                classified_df,
+                source=mapping.name,
+                run_id=f"kafka-{cfg.stream.kafka.topic}-{batch_id:06d}",
+                now=now,
+            )
+    finally:
+        classified_df.unpersist()
+
+
+def start_kafka_ingest(
+    spark: SparkSession, cfg: Config, *, available_now: bool, stats: IngestStats
+) -> StreamingQuery:
+    """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint)."""
+    mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
+    if mapping.format == "parquet":
+        raise ConfigError(
+            f"stream.kafka.mapping: source '{mapping.name}' reads parquet files; Kafka record "
+            "values must be json or csv text"
+        )
+    for table in (lake.EVENTS, lake.QUARANTINE):
+        lake.ensure_table(spark, cfg.lake.root, table)
+    # mapping problems (e.g. personal fields without a key) now, not in the first micro-batch
+    empty_df = spark.createDataFrame([], "source_file string, source_line long, raw string")
+    ingest.validate(
+        spark,
+        cfg,
+        records_of_lines(empty_df, mapping),
+        mapping=mapping,
+        now=datetime.now(timezone.utc),
+    )
+    writer = (
+        kafka_lines(spark, cfg)
+        .writeStream.queryName(KAFKA_QUERY_NAME)
+        .option("checkpointLocation", kafka_checkpoint_path(cfg))
+        .foreachBatch(partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats))
+    )
+    return _with_trigger(writer, cfg, available_now).start()
+
+
+def _with_trigger(writer, cfg: Config, available_now: bool):
+    if available_now:
+        return writer.trigger(availableNow=True)
+    seconds = cfg.stream.trigger_interval.total_seconds()
+    return writer.trigger(processingTime=f"{int(seconds * 1000)} milliseconds")
 
 
 # --------------------------------------------------------------------------------------
@@ -496,6 +610,8 @@ class StreamSink:
     run_prefix: str
     features: dict[str, str] = field(default_factory=dict)  # name -> kind, rules may use
     stats: BatchStats = field(default_factory=BatchStats)
+    # called after a micro-batch with changes is written: (batch id, {(segment, change): n})
+    on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None
 
 
 def stream_sink(
@@ -766,6 +882,11 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
                 lap("changes_s")
                 merge_intervals(spark, sink.root, transitions_df, run_id=run_id)
                 lap("membership_s")
+                if sink.on_changes is not None:
+                    counted = transitions_df.groupBy("segment_id", "change").count().collect()
+                    sink.on_changes(
+                        batch_id, {(r.segment_id, r.change): r["count"] for r in counted}
+                    )
             timing.update(points=points, changes=changes)
             sink.stats.timings.append(timing)
         finally:
@@ -788,6 +909,7 @@ class StreamReport:
     points: int
     changes: int
     late_events: int  # dropped by the watermark (in bronze; the next batch run uses them)
+    kafka: IngestStats | None = None  # stream.source kafka: what the ingest query wrote
 
 
 def _load(spark: SparkSession, cfg: Config, path: str | None):
@@ -820,7 +942,7 @@ def start_stream(
         if lake.table_exists(spark, root, lake.IDENTITY_MAP)
         else None
     )
-    events_df = SOURCES[cfg.stream.source](spark, cfg)
+    events_df = delta_events(spark, cfg)
     facts_df = live_facts(
         keyed_events(events_df, identity_df),
         sink.plan,
@@ -831,11 +953,7 @@ def start_stream(
         .option("checkpointLocation", checkpoint_path(cfg))
         .foreachBatch(partial(write_batch, sink=sink))
     )
-    if available_now:
-        writer = writer.trigger(availableNow=True)
-    else:
-        seconds = cfg.stream.trigger_interval.total_seconds()
-        writer = writer.trigger(processingTime=f"{int(seconds * 1000)} milliseconds")
+    writer = _with_trigger(writer, cfg, available_now)
     # The query copies the session's settings when it starts; the first run of a checkpoint
     # records the state partitions and store there, and later runs keep them.
     settings = {
@@ -873,20 +991,37 @@ def run_stream(
     available_now: bool = False,
     timeout: float | None = None,
     path: str | None = None,
+    on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None,
 ) -> StreamReport:
     """Run the query until it ends (available_now: when the source is drained) or `timeout`
-    seconds pass (then it is stopped); a failure in the query is raised here."""
+    seconds pass (then it is stopped); a failure in the query is raised here.
+
+    With stream.source kafka the Kafka ingest query runs too: alongside, or (available_now)
+    first, so that the segment query then sees everything the topic held."""
     catalog, segment_ids = _load(spark, cfg, path)
     sink = stream_sink(spark, cfg, catalog, segment_ids)
-    query = start_stream(spark, cfg, available_now=available_now, sink=sink)
+    sink.on_changes = on_changes
+    deadline = None if timeout is None else time.monotonic() + timeout
+    queries: list[StreamingQuery] = []
+    kafka_stats = None
     try:
-        if timeout is None:
-            query.awaitTermination()
+        if cfg.stream.source == "kafka":
+            kafka_stats = IngestStats()
+            queries.append(
+                start_kafka_ingest(spark, cfg, available_now=available_now, stats=kafka_stats)
+            )
+            if available_now:
+                _await(queries[0], deadline)
+        query = start_stream(spark, cfg, available_now=available_now, sink=sink)
+        queries.append(query)
+        if available_now:
+            _await(query, deadline)
         else:
-            query.awaitTermination(timeout)
+            _await_any(spark, queries, deadline)
     finally:
-        if query.isActive:
-            query.stop()
+        for running in queries:
+            if running.isActive:
+                running.stop()
     rows, late = _progress_sum(query)
     return StreamReport(
         query_id=str(query.id),
@@ -897,4 +1032,32 @@ def run_stream(
         points=sink.stats.points,
         changes=sink.stats.changes,
         late_events=late,
+        kafka=kafka_stats,
     )
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+def _await(query: StreamingQuery, deadline: float | None) -> None:
+    """Wait for the query to end or the deadline; raises the query's failure."""
+    left = _left(deadline)
+    if left is None:
+        query.awaitTermination()
+    else:
+        query.awaitTermination(left)
+
+
+def _await_any(spark: SparkSession, queries: list[StreamingQuery], deadline: float | None) -> None:
+    """Wait until one of the queries ends (a failure is raised) or the deadline passes."""
+    while any(q.isActive for q in queries):
+        left = _left(deadline)
+        if left is not None and left <= 0.001:
+            return
+        spark.streams.resetTerminated()
+        if spark.streams.awaitAnyTermination(min(left or 5.0, 5.0)):
+            for q in queries:
+                if q.exception() is not None:
+                    raise q.exception()
+            return
