@@ -503,10 +503,9 @@ def _advance_group(
     if points:
         columns = ["user_key", "point", *plan.names()]
         rows = [(key[0], point, *values) for point, values in points]
-        frame = pd.DataFrame(rows, columns=columns)
-        for name in plan.names():
-            frame[name] = frame[name].astype("Int64")
-        yield frame
+        # object columns of ints and None: Arrow makes them bigint with nulls, and this is
+        # ~15x cheaper per user than nullable Int64 columns (it runs once per user and batch)
+        yield pd.DataFrame(rows, columns=columns, dtype=object)
 
 
 def keyed_events(events_df: DataFrame, identity_df: DataFrame | None) -> DataFrame:
