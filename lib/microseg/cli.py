@@ -336,6 +336,67 @@ def _stream(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.report import print_register_report
+    from microseg.spark import build_spark
+    from microseg.sql_catalog import register_tables, session_settings
+
+    spark = build_spark(
+        cfg.spark, app_name=f"{cfg.spark.app_name}-register", conf=session_settings(cfg)
+    )
+    report = register_tables(spark, cfg.lake.root, prefix=cfg.sql.database_prefix)
+    print_register_report(report)
+    return 0
+
+
+def _sql_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (default sql.host)")
+    parser.add_argument("--port", type=int, help="port (default sql.port)")
+
+
+def _sql_server(cfg: Config, args: argparse.Namespace) -> int:
+    import subprocess
+
+    from microseg.sql_catalog import run_thrift_server
+
+    # Register first, in a process of its own: a local Derby metastore admits one JVM, and
+    # this process's JVM would keep it open.
+    register = [sys.executable, "-m", "microseg", "register"]
+    if args.conf:
+        register += ["--conf", args.conf]
+    for override in args.overrides:
+        register += ["--set", override]
+    registered = subprocess.run(register, check=False)
+    if registered.returncode != 0:
+        return registered.returncode
+    host, port = args.host or cfg.sql.host, args.port or cfg.sql.port
+    print(f"microseg sql-server: Spark Thrift Server on jdbc:hive2://{host}:{port}/ (Ctrl-C stops)")
+    sys.stdout.flush()
+    return run_thrift_server(cfg, host=host, port=port)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        metavar="PATH",
+        default="report/microseg-report.html",
+        help="HTML file to write (default: report/microseg-report.html, relative to the "
+        "current directory)",
+    )
+
+
+def _report(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.html_report import write_report
+
+    spark = _spark(cfg, "report")
+    written = write_report(spark, cfg.lake.root, args.output)
+    print(
+        f"{written.path} ({written.charts} charts, {written.bytes / 1e6:.1f} MB; "
+        "self-contained: open it in a browser)"
+    )
+    return 0
+
+
 def _runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     parser.add_argument("--job", help="only this job, e.g. ingest or 'segments run'")
@@ -429,6 +490,24 @@ COMMANDS: dict[str, Command] = {
             "keep streaming-capable segments fresh with Structured Streaming (Delta or Kafka)",
             _stream_arguments,
             _stream,
+        ),
+        Command(
+            "register",
+            "register the lake's tables by name (gold.segment_membership, ...) and BI views",
+            lambda parser: None,
+            _register,
+        ),
+        Command(
+            "sql-server",
+            "register the tables, then serve them over JDBC/ODBC with the Spark Thrift Server",
+            _sql_server_arguments,
+            _sql_server,
+        ),
+        Command(
+            "report",
+            "write a self-contained HTML report of segments, models, quarantine and runs",
+            _report_arguments,
+            _report,
         ),
         Command(
             "runs",

@@ -328,6 +328,25 @@ class StreamConfig(Strict):
     )
 
 
+class SqlConfig(Strict):
+    """Tables by name for SQL and BI tools (`microseg register`, `microseg sql-server`)."""
+
+    metastore_dir: str | None = Field(
+        "metastore",
+        description="Folder of a local Hive metastore (Derby) shared by `microseg register` and "
+        "the Thrift Server; null: the catalog spark.conf configures (external Hive metastore, "
+        "Glue, Unity Catalog, ...).",
+    )
+    database_prefix: str = Field(
+        "",
+        pattern=r"^[a-z0-9_]*$",
+        description="Prefix of the per-layer databases: '' gives gold.segment_membership, "
+        "'shop_' gives shop_gold.segment_membership.",
+    )
+    host: str = Field("127.0.0.1", description="Address the Thrift Server listens on.")
+    port: int = Field(10000, ge=1, le=65535, description="Port of the Thrift Server.")
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -367,6 +386,7 @@ class Config(Strict):
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()
     stream: StreamConfig = StreamConfig()
+    sql: SqlConfig = SqlConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

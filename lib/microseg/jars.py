@@ -50,12 +50,17 @@ KAFKA_CLIENTS = "org.apache.kafka:kafka-clients:4.1.1"
 
 def kafka_connector_jars(cache_dir: str) -> list[str]:
     """Spark's Kafka connector and a kafka-clients it works with, resolved into cache_dir,
-    without the libraries pyspark ships itself (Hadoop client, slf4j, compression codecs):
-    two versions of one library on the classpath is a conflict waiting to happen."""
+    without the libraries pyspark ships."""
     connector = resolved_jars(
         cache_dir, kafka_coordinates(), excludes="org.apache.kafka:kafka-clients"
     )
-    jars = [*connector, *resolved_jars(cache_dir, KAFKA_CLIENTS)]
+    return without_shipped([*connector, *resolved_jars(cache_dir, KAFKA_CLIENTS)])
+
+
+def without_shipped(jars: list[str]) -> list[str]:
+    """The JARs whose library pyspark does not ship itself (Hadoop client, Jackson, slf4j,
+    Parquet, codecs ...): two versions of one library on a class path is a conflict waiting
+    to happen (the Thrift Server, with Delta on its driver class path, fails on Jackson)."""
     shipped = {_artifact(j.name) for j in _pyspark_jars()}
     return [j for j in jars if _artifact(Path(j).name.split("_", 1)[-1]) not in shipped]
 
@@ -73,8 +78,9 @@ def _artifact(file_name: str) -> str:
 
 
 def delta_jars(cache_dir: str) -> list[str]:
-    """Paths of the Delta JARs in cache_dir, resolving them from Maven first if absent."""
-    return resolved_jars(cache_dir, delta_coordinates())
+    """Paths of the Delta JARs in cache_dir (resolving them from Maven first if absent),
+    without the libraries pyspark ships."""
+    return without_shipped(resolved_jars(cache_dir, delta_coordinates()))
 
 
 def resolved_jars(cache_dir: str, coordinates: str, excludes: str = "") -> list[str]:

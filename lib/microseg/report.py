@@ -346,3 +346,15 @@ def print_stream_report(report) -> None:
             f"{k.events_added} events added to bronze/events, {k.quarantined} quarantined, "
             f"{k.already_present} already present"
         )
+
+
+def print_register_report(report) -> None:
+    table = Table("table", "location", title="registered (external Delta tables)")
+    for name, location in report.registered:
+        table.add_row(name, location)
+    console.print(table)
+    if report.views:
+        console.print("views: " + ", ".join(report.views))
+    if report.missing:
+        missing = ", ".join(report.missing)
+        console.print(f"not written yet (run the jobs, then register again): {missing}")

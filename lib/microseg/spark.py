@@ -34,14 +34,19 @@ def use_utc_clock() -> None:
 
 
 def build_spark(
-    cfg: SparkConfig, *, app_name: str | None = None, kafka: bool = False
+    cfg: SparkConfig,
+    *,
+    app_name: str | None = None,
+    kafka: bool = False,
+    conf: dict[str, str] | None = None,
 ) -> SparkSession:
     """Return the session for a job: Delta extensions and catalog on, session time zone UTC.
 
     When a session already exists in this process (spark-submit, a notebook, the test
     fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
     `kafka`: also load Spark's Kafka connector (resolved into the cfg.delta_jars folder like
-    Delta's JARs; without that folder, added to spark.jars.packages).
+    Delta's JARs; without that folder, added to spark.jars.packages). `conf`: settings a job
+    adds to cfg.conf (e.g. its catalog: microseg.sql_catalog.session_settings).
     """
     use_utc_clock()
     if cfg.master and cfg.master.startswith("local"):
@@ -57,6 +62,7 @@ def build_spark(
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
         "spark.executorEnv.TZ": "UTC",  # Python workers on a cluster, as use_utc_clock
         **cfg.conf,
+        **(conf or {}),
     }
     if cfg.delta_jars:
         jars = [j for j in settings.get("spark.jars", "").split(",") if j]
