@@ -382,6 +382,14 @@ def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
     assert lake.read_table(spark, root, lake.PROPENSITY_SCORES).count() == users
     assert lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP).count() == intervals
 
+    # BI tools without Spark read the same tables (the deltalake package)
+    from deltalake import DeltaTable
+
+    scores = DeltaTable(lake.table_path(root, lake.PROPENSITY_SCORES)).to_pandas()
+    assert sorted(scores["rank"]) == list(range(1, users + 1))
+    registry = DeltaTable(lake.table_path(root, lake.MODEL_REGISTRY)).to_pandas()
+    assert [(r.kind, r.version) for r in registry.itertuples()] == [("propensity", report.version)]
+
 
 def test_model_path_is_under_the_lake(trained):
     cfg, report = trained
