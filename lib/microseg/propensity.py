@@ -208,13 +208,29 @@ def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
 
-def _has_snapshot(spark: SparkSession, root: str, as_of: datetime) -> bool:
-    if not lake.table_exists(spark, root, lake.USER_FEATURES):
-        return False
-    rows_df = lake.read_table(spark, root, lake.USER_FEATURES).filter(
-        (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
-    )
-    return rows_df.limit(1).count() > 0
+def ensure_snapshots(spark: SparkSession, cfg: Config, as_ofs: list[datetime]) -> list[datetime]:
+    """Compute with features.run_features the as-ofs that gold/user_features lacks (one query
+    finds them); return those computed. Existing snapshots are reused as they are."""
+    root = cfg.lake.root
+    present: set[datetime] = set()
+    if lake.table_exists(spark, root, lake.USER_FEATURES):
+        present = {
+            r.as_of
+            for r in lake.read_table(spark, root, lake.USER_FEATURES)
+            .filter(
+                F.col("as_of_date").isin(sorted({t.date() for t in as_ofs}))
+                & F.col("as_of").isin(list(as_ofs))
+            )
+            .select("as_of")
+            .distinct()
+            .collect()
+        }
+    computed = []
+    for as_of in as_ofs:
+        if as_of not in present:
+            run_features(spark, cfg, as_of=as_of)
+            computed.append(as_of)
+    return computed
 
 
 def snapshot_features(
@@ -224,16 +240,10 @@ def snapshot_features(
     columns: list[str],
     *,
     optional: tuple[str, ...] = (),
-) -> tuple[DataFrame, bool]:
+) -> DataFrame:
     """gold/user_features at as_of: user_key, as_of, columns, and those of `optional` the
-    table has; computes the snapshot with run_features first if it is missing. Returns the
-    frame and whether it was computed."""
-    root = cfg.lake.root
-    computed = False
-    if not _has_snapshot(spark, root, as_of):
-        run_features(spark, cfg, as_of=as_of)
-        computed = True
-    table_df = lake.read_table(spark, root, lake.USER_FEATURES)
+    table has (see ensure_snapshots for computing a missing snapshot)."""
+    table_df = lake.read_table(spark, cfg.lake.root, lake.USER_FEATURES)
     missing = [c for c in columns if c not in table_df.columns]
     if missing:
         raise ValueError(
@@ -241,12 +251,9 @@ def snapshot_features(
             f"recompute with `microseg features --as-of {as_of.isoformat()}Z`"
         )
     extra = [c for c in optional if c in table_df.columns and c not in columns]
-    return (
-        table_df.filter(
-            (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
-        ).select("user_key", "as_of", *columns, *extra),
-        computed,
-    )
+    return table_df.filter(
+        (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
+    ).select("user_key", "as_of", *columns, *extra)
 
 
 def labeled_snapshot(
@@ -256,16 +263,17 @@ def labeled_snapshot(
     target: str,
     as_of: datetime,
     columns: list[str] | None = None,
+    ensure: bool = True,
 ) -> tuple[DataFrame, bool]:
     """Training rows of one as-of: user_key, as_of, the model features (and the heuristic's
     features where computed), label. Features from events before as_of only; labels from
-    [as_of, as_of + horizon) only. Returns the frame and whether the snapshot was computed."""
+    [as_of, as_of + horizon) only. Returns the frame and whether the snapshot was computed
+    (with ensure=False the caller has made sure it exists)."""
     spec = target_spec(cfg, target)
     as_of = _naive_utc(as_of)
     columns = model_features(cfg) if columns is None else columns
-    features_df, computed = snapshot_features(
-        spark, cfg, as_of, columns, optional=HEURISTICS[spec.kind][0]
-    )
+    computed = bool(ensure_snapshots(spark, cfg, [as_of])) if ensure else False
+    features_df = snapshot_features(spark, cfg, as_of, columns, optional=HEURISTICS[spec.kind][0])
     events_df = lake.read_table(spark, cfg.lake.root, lake.EVENTS)
     return (
         with_labels(features_df, events_df, as_of=as_of, kind=spec.kind, horizon=spec.horizon),
@@ -455,7 +463,12 @@ def logistic_pipeline(features: list[str]) -> Pipeline:
                 inputCol="raw_features", outputCol="features", withMean=True, withStd=True
             ),
             LogisticRegression(
-                featuresCol="features", labelCol=LABEL, weightCol=WEIGHT, regParam=0.01, maxIter=100
+                featuresCol="features",
+                labelCol=LABEL,
+                weightCol=WEIGHT,
+                regParam=0.01,
+                maxIter=100,
+                tol=1e-4,
             ),
         ]
     )
@@ -649,15 +662,11 @@ def train_propensity(
         )
     calibration_as_of = training_as_of[-1]
 
-    computed: list[datetime] = []
-    frames = []
-    for t in [*training_as_of, evaluation_as_of]:
-        frame_df, was_computed = labeled_snapshot(
-            spark, cfg, target=target, as_of=t, columns=features
-        )
-        frames.append(frame_df)
-        if was_computed:
-            computed.append(t)
+    computed = ensure_snapshots(spark, cfg, [*training_as_of, evaluation_as_of])
+    frames = [
+        labeled_snapshot(spark, cfg, target=target, as_of=t, columns=features, ensure=False)[0]
+        for t in [*training_as_of, evaluation_as_of]
+    ]
     all_df = frames[0]
     for frame_df in frames[1:]:
         all_df = all_df.unionByName(frame_df)
@@ -982,7 +991,8 @@ def score_propensity(
     row = model_version(spark, root, target, version)
     model = PipelineModel.load(row.path)
     features = json.loads(row.params)["features"]
-    features_df, computed = snapshot_features(spark, cfg, as_of, features)
+    computed = bool(ensure_snapshots(spark, cfg, [as_of]))
+    features_df = snapshot_features(spark, cfg, as_of, features)
     run_id = uuid.uuid4().hex
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
     ranked_df = (
