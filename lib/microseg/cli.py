@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = f"microseg {args.command}"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # py4j narrates its callback server (used by foreachBatch) at INFO: not for the user
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     started = time.monotonic()
     try:
         cfg = load_config(resolve_conf_path(args.conf), args.overrides)
