@@ -891,3 +891,19 @@ def with_facts(features_df: DataFrame, facts_df: DataFrame | None, facts: list[F
         if isinstance(fact, EventCount) and not fact.since_last:
             joined = joined.withColumn(fact.name, F.coalesce(F.col(fact.name), F.lit(0)))
     return joined
+
+
+def exclusive_winners(segments, flag_of) -> dict[str, Column]:
+    """Per exclusive group of `segments`, the Column naming the matching member with the best
+    priority (1 beats 2), or null; flag_of(segment_id) is the name of its boolean column."""
+    groups: dict[str, list[Segment]] = {}
+    for segment in segments:
+        if segment.exclusive_group is not None:
+            groups.setdefault(segment.exclusive_group, []).append(segment)
+    winners: dict[str, Column] = {}
+    for group, members in groups.items():
+        winner = F.lit(None).cast("string")
+        for segment in sorted(members, key=lambda s: s.priority or 0, reverse=True):
+            winner = F.when(F.col(flag_of(segment.id)), F.lit(segment.id)).otherwise(winner)
+        winners[group] = winner
+    return winners

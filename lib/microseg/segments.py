@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -147,16 +147,7 @@ def assign(
 ) -> DataFrame:
     """Members: user_key, segment_id, score (null for rules), fallback."""
     published = [s for s in catalog.segments if statuses[s.id][0] == "active"]
-    groups: dict[str, list[rules.Segment]] = {}
-    for segment in published:
-        if segment.exclusive_group is not None:
-            groups.setdefault(segment.exclusive_group, []).append(segment)
-    winners: dict[str, Column] = {}
-    for group, members in groups.items():
-        winner = F.lit(None).cast("string")
-        for segment in sorted(members, key=lambda s: s.priority or 0, reverse=True):
-            winner = F.when(F.col(_flag(segment.id)), F.lit(segment.id)).otherwise(winner)
-        winners[group] = winner
+    winners = rules.exclusive_winners(published, _flag)
     entries = []
     for segment in published:
         member = F.col(_flag(segment.id))

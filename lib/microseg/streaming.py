@@ -93,7 +93,7 @@ from functools import partial
 
 import pandas as pd
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQuery
@@ -655,17 +655,7 @@ def member_flags(
         sid: rules.segment_condition(catalog, sid, F.col("as_of")).alias(sid) for sid in segment_ids
     }
     flags_df = frame_df.select("user_key", "as_of", *matched.values())
-    groups: dict[str, list[rules.Segment]] = {}
-    for sid in segment_ids:
-        segment = catalog[sid]
-        if segment.exclusive_group is not None:
-            groups.setdefault(segment.exclusive_group, []).append(segment)
-    winners: dict[str, Column] = {}
-    for group, members in groups.items():
-        winner = F.lit(None).cast("string")
-        for segment in sorted(members, key=lambda s: s.priority or 0, reverse=True):
-            winner = F.when(F.col(segment.id), F.lit(segment.id)).otherwise(winner)
-        winners[group] = winner
+    winners = rules.exclusive_winners([catalog[sid] for sid in segment_ids], lambda sid: sid)
     entries = []
     for sid in segment_ids:
         group = catalog[sid].exclusive_group
