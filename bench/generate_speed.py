@@ -26,8 +26,8 @@ def _dir_size(path: Path) -> int:
 
 
 def run_one(events: int, fmt: str, output: Path, faults: bool, seed: int) -> dict:
-    from microseg.config import GenerateConfig
-    from microseg.generate import estimate_users_for_events, generate
+    from microseg.core.config import GenerateConfig
+    from microseg.ingest.generate import estimate_users_for_events, generate
 
     share = 0.01 if faults else 0.0
     settings = GenerateConfig(

@@ -17,10 +17,10 @@ import shutil
 import time
 from pathlib import Path
 
-from microseg.config import GenerateConfig, load_config
-from microseg.generate import estimate_users_for_events, generate
-from microseg.ingest import run_ingest
-from microseg.spark import build_spark
+from microseg.core.config import GenerateConfig, load_config
+from microseg.core.spark import build_spark
+from microseg.ingest.files import run_ingest
+from microseg.ingest.generate import estimate_users_for_events, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

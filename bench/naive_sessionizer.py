@@ -3,7 +3,7 @@
 This is what is commonly written by hand: stitch identities with a Spark join, then
 `groupBy("user_key").applyInPandas(...)` with a plain Python loop over each user's events
 (sorted in pandas), and write the sessions to Delta. Same semantics and the same output
-columns as microseg.sessions (see its module docstring); kept independent of its code so the
+columns as microseg.silver.sessions (see its module docstring); kept independent of its code so the
 benchmark's agreement check compares two implementations, not one.
 """
 

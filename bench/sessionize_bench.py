@@ -145,10 +145,10 @@ def delta_row_count(path: Path) -> int | None:
 
 def prepare(args, size: int, spark_holder: dict) -> Dataset:
     """Generated Parquet events and an ingested lake for `size`; neither is timed."""
-    from microseg import lake
-    from microseg.config import GenerateConfig, load_config
-    from microseg.generate import estimate_users_for_events, generate
-    from microseg.ingest import run_ingest
+    from microseg.core import lake
+    from microseg.core.config import GenerateConfig, load_config
+    from microseg.ingest.files import run_ingest
+    from microseg.ingest.generate import estimate_users_for_events, generate
 
     work = Path(args.work)
     data_dir = work / f"data-parquet-{size}"  # same layout as bench/ingest_throughput.py
@@ -211,7 +211,7 @@ def prepare(args, size: int, spark_holder: dict) -> Dataset:
 def spark_session(args, cfg, holder: dict):
     """One Spark session for the whole run (JVM settings come from the first config)."""
     if "spark" not in holder:
-        from microseg.spark import build_spark
+        from microseg.core.spark import build_spark
 
         spark = build_spark(cfg.spark, app_name="bench-sessionize")
         # the naive baseline's modules must be importable in the Python workers
@@ -307,8 +307,8 @@ def parquet_view(con, name: str, files: list[str]) -> None:
 
 
 def microseg_sessionize(ctx: Context) -> tuple[Path, dict]:
-    from microseg import lake
-    from microseg.sessions import run_sessionize
+    from microseg.core import lake
+    from microseg.silver.sessions import run_sessionize
 
     spark = ctx.spark
     spark.catalog.clearCache()
@@ -326,7 +326,7 @@ def microseg_sessionize(ctx: Context) -> tuple[Path, dict]:
 def duckdb_sessionize(ctx: Context) -> tuple[Path, dict]:
     from deltalake import write_deltalake
 
-    from microseg import lake
+    from microseg.core import lake
 
     conf = ctx.data.cfg.sessions
     out = ctx.output("duckdb", "sessions")
@@ -358,7 +358,7 @@ def duckdb_sessionize(ctx: Context) -> tuple[Path, dict]:
 
 def naive_sessionize(ctx: Context) -> tuple[Path, dict]:
     import naive_sessionizer
-    from microseg import lake
+    from microseg.core import lake
 
     conf = ctx.data.cfg.sessions
     out = ctx.output("naive", "sessions")
@@ -526,9 +526,9 @@ SHARED_FEATURES = [*FEATURE_INTS, *FEATURE_FLOATS, *FEATURE_STRINGS]
 
 
 def microseg_features(ctx: Context) -> tuple[Path, dict]:
-    from microseg import lake
-    from microseg.config import load_config
-    from microseg.features import run_features
+    from microseg.core import lake
+    from microseg.core.config import load_config
+    from microseg.features.user_features import run_features
 
     cfg = ctx.data.cfg
     if ctx.args.microseg_features == "shared":
@@ -544,7 +544,7 @@ def microseg_features(ctx: Context) -> tuple[Path, dict]:
 def duckdb_features(ctx: Context) -> tuple[Path, dict]:
     from deltalake import write_deltalake
 
-    from microseg import lake
+    from microseg.core import lake
 
     conf = ctx.data.cfg.sessions
     out = ctx.output("duckdb", "user_features")
@@ -574,7 +574,7 @@ def duckdb_features(ctx: Context) -> tuple[Path, dict]:
 
 def naive_features(ctx: Context) -> tuple[Path, dict]:
     import naive_features as naive
-    from microseg import lake
+    from microseg.core import lake
 
     conf = ctx.data.cfg.sessions
     out = ctx.output("naive", "user_features")
@@ -1023,8 +1023,8 @@ def self_check(args, spark_holder: dict) -> bool:
     EDGE_EXPECTATIONS."""
     from pyspark.sql import functions as F
 
-    from microseg import lake
-    from microseg.config import load_config
+    from microseg.core import lake
+    from microseg.core.config import load_config
 
     lake_root = Path(args.work) / "self-check-lake"
     shutil.rmtree(lake_root, ignore_errors=True)

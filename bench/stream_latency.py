@@ -42,9 +42,11 @@ from deltalake import DeltaTable as RsDeltaTable
 from deltalake import write_deltalake
 from pyspark.sql import functions as F
 
-from microseg import lake, rules, streaming
-from microseg.config import load_config
-from microseg.spark import build_spark
+from microseg.core import lake
+from microseg.core.config import load_config
+from microseg.core.spark import build_spark
+from microseg.segments import rules
+from microseg.streaming import query as streaming
 
 ROOT = Path(__file__).resolve().parents[1]
 

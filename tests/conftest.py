@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from microseg.config import Config, load_config
-from microseg.jars import kafka_connector_jars
-from microseg.spark import build_spark
+from microseg.core.config import Config, load_config
+from microseg.core.jars import kafka_connector_jars
+from microseg.core.spark import build_spark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

@@ -1,7 +1,7 @@
 """A real single-node Kafka broker (KRaft: broker and controller in one JVM) for tests.
 
 The broker's JARs come from Maven Central (org.apache.kafka:kafka_2.13), resolved once into
-the microseg JAR cache by the same Ivy resolution as Delta's (microseg.jars). `start_broker`
+the microseg JAR cache by the same Ivy resolution as Delta's (microseg.core.jars). `start_broker`
 raises BrokerUnavailable with the reason when the broker cannot be started here (no Java, the
 JARs cannot be resolved, it does not come up), so that the test can skip and print it.
 """
@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from microseg.jars import resolved_jars
+from microseg.core.jars import resolved_jars
 
 KAFKA = "org.apache.kafka:kafka_2.13:4.1.1"
 JAR_CACHE = os.path.expanduser("~/.cache/microseg/jars")

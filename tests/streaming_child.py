@@ -2,7 +2,7 @@
 
     python -m tests.streaming_child TMP_PATH SEGMENTS_FILE PAUSE_FROM MARKER
 
-Runs microseg.streaming with a processing-time trigger on the lake of make_config(TMP_PATH).
+Runs microseg.streaming.query with a processing-time trigger on the lake of make_config(TMP_PATH).
 In the first micro-batch with a transition at or after PAUSE_FROM (ISO time), after the
 change rows are committed and before the membership MERGE, it writes MARKER and sleeps, so
 the test can kill -9 it mid-batch at a known point.
@@ -18,8 +18,8 @@ from pathlib import Path
 from pyspark.sql import functions as F
 from tests.conftest import make_config
 
-from microseg import streaming
-from microseg.spark import build_spark
+from microseg.core.spark import build_spark
+from microseg.streaming import query as streaming
 
 STREAM_SETTINGS = (
     "stream.state_partitions=2",

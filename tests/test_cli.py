@@ -10,9 +10,9 @@ import sys
 import pytest
 from tests.conftest import DATA, ROOT, TEST_SETTINGS, make_config
 
-from microseg import lake
 from microseg.cli import main
-from microseg.ingest import run_ingest
+from microseg.core import lake
+from microseg.ingest.files import run_ingest
 
 REES46 = str(DATA / "rees46-2019-oct-excerpt.csv")
 

@@ -256,7 +256,7 @@ def test_the_pipeline_runs_on_a_standalone_cluster(cluster, executor_python, tmp
         ("features", "--as-of", AS_OF),
         ("segments", "run", "--as-of", AS_OF),
         # per-user state in Python workers (applyInPandasWithState): the executors import
-        # microseg.streaming from the shipped zip, with pandas and pyarrow
+        # microseg.streaming.query from the shipped zip, with pandas and pyarrow
         ("stream", "--available-now", "--quiet"),
     ]
     outputs = [submit(cluster, wrapper, conf, *job) for job in jobs]

@@ -25,8 +25,9 @@ from pyspark.ml.feature import StandardScalerModel, VectorAssembler
 from pyspark.sql import functions as F
 from tests.conftest import make_config
 
-from microseg import lake
-from microseg.clustering import (
+from microseg.core import lake
+from microseg.core.config import ConfigError
+from microseg.ml.clustering import (
     ClusterLabeler,
     FillMissing,
     Log1p,
@@ -43,7 +44,6 @@ from microseg.clustering import (
     train_clusters,
     unique_name,
 )
-from microseg.config import ConfigError
 
 T1 = datetime(2026, 10, 1)
 T2 = datetime(2026, 10, 8)

@@ -8,8 +8,8 @@ import pytest
 from tests.conftest import ROOT
 
 from microseg.cli import main
-from microseg.config import ConfigError, load_config
-from microseg.sources import load_source
+from microseg.core.config import ConfigError, load_config
+from microseg.ingest.sources import load_source
 
 
 def write(path, text):

@@ -9,9 +9,9 @@ from pyspark.sql import functions as F
 from tests.conftest import make_config
 from tests.test_sessions import ev, events_df, write_bronze
 
-from microseg import lake
-from microseg.config import ConfigError
-from microseg.features import (
+from microseg.core import lake
+from microseg.core.config import ConfigError
+from microseg.features.user_features import (
     FEATURES,
     compute_features,
     keyed_events_before,
@@ -174,8 +174,8 @@ def test_as_of_means_utc_whatever_the_process_time_zone(tmp_path):
     script = (
         "import sys; from datetime import datetime\n"
         "from pyspark.sql import functions as F\n"
-        "from microseg.config import load_config\n"
-        "from microseg.spark import build_spark\n"
+        "from microseg.core.config import load_config\n"
+        "from microseg.core.spark import build_spark\n"
         "cfg = load_config('conf/local.yaml', sys.argv[1:])\n"
         "spark = build_spark(cfg.spark)\n"
         "t = datetime(2026, 9, 6, 22, 4)\n"

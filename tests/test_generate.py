@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from microseg.config import GenerateConfig
-from microseg.generate import estimate_users_for_events, generate
+from microseg.core.config import GenerateConfig
+from microseg.ingest.generate import estimate_users_for_events, generate
 
 START = datetime(2026, 9, 1, tzinfo=timezone.utc)
 DAYS = 30

@@ -27,8 +27,9 @@ import pytest
 from tests.conftest import make_config
 from tests.test_cli import job_args
 
-from microseg import html_report, lake
 from microseg.cli import main
+from microseg.core import lake
+from microseg.serving import html_report
 
 T1 = "2026-09-15T00:00:00Z"
 T2 = "2026-09-22T00:00:00Z"

@@ -12,10 +12,10 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 from tests.conftest import DATA, SHARED_DATA, make_config
 
-from microseg import lake
-from microseg.config import ConfigError
-from microseg.ingest import run_ingest
-from microseg.sources import SourceFormatError
+from microseg.core import lake
+from microseg.core.config import ConfigError
+from microseg.ingest.files import run_ingest
+from microseg.ingest.sources import SourceFormatError
 
 NOW = datetime(2026, 10, 1, tzinfo=timezone.utc)
 
@@ -495,8 +495,8 @@ def test_non_spark_reader_opens_bronze(spark, cfg, bad_input_report):
 
 
 def test_no_record_lost_on_generated_data_with_faults(spark, cfg, tmp_path, key_env):
-    from microseg.config import GenerateConfig
-    from microseg.generate import generate
+    from microseg.core.config import GenerateConfig
+    from microseg.ingest.generate import generate
 
     settings = GenerateConfig(
         users=120,

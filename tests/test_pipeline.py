@@ -6,8 +6,8 @@ import pytest
 from tests.conftest import DATA
 from tests.test_cli import job_args
 
-from microseg import lake
 from microseg.cli import main
+from microseg.core import lake
 
 TAOBAO = DATA / "taobao-userbehavior-excerpt.csv"
 

@@ -16,9 +16,9 @@ from pyspark.sql import functions as F
 from tests.conftest import make_config
 from tests.test_sessions import T0, ev, events_df, write_bronze
 
-from microseg import lake, membership
-from microseg.config import ConfigError
-from microseg.propensity import (
+from microseg.core import lake
+from microseg.core.config import ConfigError
+from microseg.ml.propensity import (
     IsotonicCalibrationModel,
     IsotonicCalibrator,
     evaluate_scores,
@@ -32,6 +32,7 @@ from microseg.propensity import (
     user_fold,
     with_labels,
 )
+from microseg.segments import membership
 
 DAY = 24 * 60
 T = datetime(2026, 9, 10)  # a label as-of
@@ -393,8 +394,8 @@ def test_model_path_is_under_the_lake(trained):
 
 @pytest.mark.slow
 def test_generated_shop_end_to_end(spark, tmp_path, key_env):
-    from microseg.generate import generate
-    from microseg.ingest import run_ingest
+    from microseg.ingest.files import run_ingest
+    from microseg.ingest.generate import generate
 
     cfg = make_config(
         tmp_path,

@@ -7,8 +7,8 @@ import re
 from tests.conftest import ROOT
 
 from microseg.cli import COMMANDS
-from microseg.ingest import REASONS
-from microseg.lake import ALL_TABLES
+from microseg.core.lake import ALL_TABLES
+from microseg.ingest.files import REASONS
 
 README = (ROOT / "README.md").read_text()
 
@@ -39,7 +39,7 @@ def test_quick_start_is_the_two_commands():
 
 
 def test_every_feature_is_documented():
-    from microseg.features import FEATURES, WINDOWS
+    from microseg.features.user_features import FEATURES, WINDOWS
 
     for name in FEATURES:
         base = next((name[: -len(w) - 1] for w in WINDOWS if name.endswith("_" + w)), None)

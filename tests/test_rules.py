@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 import pytest
 from tests.test_sessions import ev, events_df
 
-from microseg import rules, segments
-from microseg.features import keyed_events_before
+from microseg.features.user_features import keyed_events_before
+from microseg.segments import evaluate as segments
+from microseg.segments import rules
 
 T = datetime(2026, 9, 1, 10, 0)  # T0 of test_sessions: ev(..., minute) is T + minutes
 HOUR, DAY = 60, 24 * 60

@@ -14,9 +14,10 @@ import pytest
 from pyspark.sql import functions as F
 from tests.test_sessions import ev, write_bronze
 
-from microseg import lake, membership
-from microseg.features import run_features
-from microseg.segments import run_segments
+from microseg.core import lake
+from microseg.features.user_features import run_features
+from microseg.segments import membership
+from microseg.segments.evaluate import run_segments
 
 T1 = datetime(2026, 10, 1)
 T2 = datetime(2026, 10, 8)

@@ -10,8 +10,8 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 from tests.conftest import make_config
 
-from microseg import lake
-from microseg.sessions import identity_map, run_sessionize, sessionize, with_user_key
+from microseg.core import lake
+from microseg.silver.sessions import identity_map, run_sessionize, sessionize, with_user_key
 
 T0 = datetime(2026, 9, 1, 10, 0)
 INGEST0 = datetime(2026, 9, 2, 0, 0)
@@ -384,7 +384,7 @@ def test_duplicate_events_never_count_twice(spark, tmp_path, key_env):
 
     from tests.test_ingest import NOW, record, write_lines
 
-    from microseg.ingest import run_ingest
+    from microseg.ingest.files import run_ingest
 
     cfg = make_config(tmp_path)
     lines = [

@@ -22,8 +22,8 @@ from deltalake import DeltaTable
 from tests.conftest import ROOT, TEST_SETTINGS, make_config
 from tests.test_segments import FEATURES, T1, T2, T3, run, write_features
 
-from microseg.config import ConfigError
-from microseg.sql_catalog import register_tables
+from microseg.core.config import ConfigError
+from microseg.serving.sql_catalog import register_tables
 
 
 @pytest.fixture(scope="module")

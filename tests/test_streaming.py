@@ -21,11 +21,12 @@ from tests.conftest import ROOT, make_config
 from tests.streaming_child import STREAM_SETTINGS
 from tests.test_sessions import T0, ev, write_bronze
 
-from microseg import lake, streaming
-from microseg.config import ConfigError
-from microseg.features import run_features
-from microseg.segments import run_segments
-from microseg.sessions import run_sessionize
+from microseg.core import lake
+from microseg.core.config import ConfigError
+from microseg.features.user_features import run_features
+from microseg.segments.evaluate import run_segments
+from microseg.silver.sessions import run_sessionize
+from microseg.streaming import query as streaming
 
 # pandas functions run in Python workers: the same interpreter as the tests (scripts/test sets
 # it too; the session fixture starts after collection, so this is in time)
@@ -89,7 +90,7 @@ def intervals(spark, cfg) -> list[tuple]:
 
 
 def plan_of(cfg) -> streaming.FactPlan:
-    from microseg import rules
+    from microseg.segments import rules
 
     catalog = rules.load_segments(cfg)
     return streaming.fact_plan(catalog, streaming.streamed_segments(catalog, None))
@@ -167,7 +168,7 @@ def test_timer_fires_when_the_watermark_reaches_the_lapse():
 
 
 def test_default_catalog_streams_event_rules_only(cfg):
-    from microseg import rules
+    from microseg.segments import rules
 
     catalog = rules.load_segments(cfg)
     assert streaming.streamed_segments(catalog, None) == [
@@ -240,7 +241,7 @@ def test_window_lapse_exits_by_timer_and_late_events_are_counted(spark, tmp_path
 
 
 def test_replaying_a_batch_changes_nothing(spark, tmp_path):
-    from microseg import rules
+    from microseg.segments import rules
 
     cfg = stream_config(tmp_path)
     catalog = rules.load_segments(cfg)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from microseg.config import Config, ConfigError, load_config, resolve_conf_path
+from microseg.core.config import Config, ConfigError, load_config, resolve_conf_path
 
 log = logging.getLogger("microseg")
 
@@ -30,7 +30,7 @@ class Command:
 
 
 def _spark(cfg: Config, job: str):
-    from microseg.spark import build_spark
+    from microseg.core.spark import build_spark
 
     return build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-{job}")
 
@@ -51,9 +51,9 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ingest(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.ingest import run_ingest
-    from microseg.report import print_ingest_report
-    from microseg.runs import recorded
+    from microseg.core.runs import recorded
+    from microseg.ingest.files import run_ingest
+    from microseg.serving.console import print_ingest_report
 
     spark = _spark(cfg, "ingest")
     with recorded(spark, cfg, job="ingest") as run:
@@ -83,9 +83,9 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.config import GenerateConfig
-    from microseg.generate import estimate_users_for_events, generate
-    from microseg.report import print_generate_manifest
+    from microseg.core.config import GenerateConfig
+    from microseg.ingest.generate import estimate_users_for_events, generate
+    from microseg.serving.console import print_generate_manifest
 
     updates = {
         k: v for k, v in vars(args).items() if v is not None and k in GenerateConfig.model_fields
@@ -110,9 +110,9 @@ def _sessionize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.report import print_sessionize_report
-    from microseg.runs import recorded
-    from microseg.sessions import run_sessionize
+    from microseg.core.runs import recorded
+    from microseg.serving.console import print_sessionize_report
+    from microseg.silver.sessions import run_sessionize
 
     spark = _spark(cfg, "sessionize")
     with recorded(spark, cfg, job="sessionize") as run:
@@ -144,9 +144,9 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _features(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.features import run_features
-    from microseg.report import print_features_report
-    from microseg.runs import recorded
+    from microseg.core.runs import recorded
+    from microseg.features.user_features import run_features
+    from microseg.serving.console import print_features_report
 
     spark = _spark(cfg, "features")
     with recorded(spark, cfg, job="features", as_of=args.as_of):
@@ -168,7 +168,8 @@ def _segments_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _segments(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg import report, rules
+    from microseg.segments import rules
+    from microseg.serving import console as report
 
     if args.action == "run" and args.as_of is None:
         raise ConfigError("segments run needs --as-of TIME")
@@ -184,8 +185,8 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"microseg segments: {problem}", file=sys.stderr)
         return 2
-    from microseg.segments import run_segments
-    from microseg.spark import build_spark
+    from microseg.core.spark import build_spark
+    from microseg.segments.evaluate import run_segments
 
     spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments")
     if args.action == "show":
@@ -198,7 +199,7 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
             ) from None
         report.print_segment(spark, cfg, catalog, args.segment_id)
         return 0
-    from microseg.runs import recorded
+    from microseg.core.runs import recorded
 
     with recorded(spark, cfg, job="segments run", as_of=args.as_of):
         result = run_segments(spark, cfg, as_of=args.as_of, path=args.file)
@@ -208,12 +209,12 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
 
 def _check_sql_without_data(cfg: Config, catalog) -> None:
     """sql conditions are checked by Spark's analyzer on an empty frame (no job runs)."""
-    from microseg import rules
-    from microseg.segments import _sql_conditions, check_sql, feature_frame_schema
+    from microseg.segments import rules
+    from microseg.segments.evaluate import _sql_conditions, check_sql, feature_frame_schema
 
     if not any(_sql_conditions(s.condition) for s in catalog.segments):
         return
-    from microseg.spark import build_spark
+    from microseg.core.spark import build_spark
 
     spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments-validate")
     schema = feature_frame_schema(rules.available_features(cfg))
@@ -234,9 +235,9 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg import clustering
-    from microseg.report import print_cluster_assign, print_cluster_train
-    from microseg.runs import recorded
+    from microseg.core.runs import recorded
+    from microseg.ml import clustering
+    from microseg.serving.console import print_cluster_assign, print_cluster_train
 
     spark = _spark(cfg, f"cluster-{args.action}")
     with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of):
@@ -265,8 +266,8 @@ def _propensity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _propensity(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg import propensity
-    from microseg.runs import recorded
+    from microseg.core.runs import recorded
+    from microseg.ml import propensity
 
     spark = _spark(cfg, f"propensity-{args.action}")
     with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of):
@@ -293,7 +294,7 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pipeline(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.pipeline import run_pipeline
-    from microseg.report import PipelineProgress
+    from microseg.serving.console import PipelineProgress
 
     spark = _spark(cfg, "pipeline")
     with PipelineProgress() as progress:
@@ -316,10 +317,10 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stream(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg import streaming
-    from microseg.report import print_stream_changes, print_stream_report
-    from microseg.runs import recorded
-    from microseg.spark import build_spark
+    from microseg.core.runs import recorded
+    from microseg.core.spark import build_spark
+    from microseg.serving.console import print_stream_changes, print_stream_report
+    from microseg.streaming import query as streaming
 
     spark = build_spark(
         cfg.spark, app_name=f"{cfg.spark.app_name}-stream", kafka=cfg.stream.source == "kafka"
@@ -337,9 +338,9 @@ def _stream(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _register(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.report import print_register_report
-    from microseg.spark import build_spark
-    from microseg.sql_catalog import register_tables, session_settings
+    from microseg.core.spark import build_spark
+    from microseg.serving.console import print_register_report
+    from microseg.serving.sql_catalog import register_tables, session_settings
 
     spark = build_spark(
         cfg.spark, app_name=f"{cfg.spark.app_name}-register", conf=session_settings(cfg)
@@ -357,7 +358,7 @@ def _sql_server_arguments(parser: argparse.ArgumentParser) -> None:
 def _sql_server(cfg: Config, args: argparse.Namespace) -> int:
     import subprocess
 
-    from microseg.sql_catalog import run_thrift_server
+    from microseg.serving.sql_catalog import run_thrift_server
 
     # Register first, in a process of its own: a local Derby metastore admits one JVM, and
     # this process's JVM would keep it open.
@@ -386,7 +387,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.html_report import write_report
+    from microseg.serving.html_report import write_report
 
     spark = _spark(cfg, "report")
     written = write_report(spark, cfg.lake.root, args.output)
@@ -403,8 +404,8 @@ def _runs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _runs(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.report import print_runs
-    from microseg.runs import recent_runs
+    from microseg.core.runs import recent_runs
+    from microseg.serving.console import print_runs
 
     spark = _spark(cfg, "runs")
     print_runs(recent_runs(spark, cfg.lake.root, limit=args.limit, job=args.job))
@@ -414,9 +415,9 @@ def _runs(cfg: Config, args: argparse.Namespace) -> int:
 def _status(cfg: Config, args: argparse.Namespace) -> int:
     from pyspark.sql import functions as F
 
-    from microseg import lake
-    from microseg.report import print_status
-    from microseg.spark import build_spark
+    from microseg.core import lake
+    from microseg.core.spark import build_spark
+    from microseg.serving.console import print_status
 
     spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-status")
     tables = lake.summarize(spark, cfg.lake.root)

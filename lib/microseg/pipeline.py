@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from microseg import lake
-from microseg.config import Config
-from microseg.runs import recorded
+from microseg.core import lake
+from microseg.core.config import Config
+from microseg.core.runs import recorded
 
 
 class PipelineError(Exception):
@@ -62,7 +62,7 @@ def _has_model(spark: SparkSession, cfg: Config, kind: str, name: str) -> bool:
 
 
 def _ingest(spark, cfg, as_of):
-    from microseg.ingest import run_ingest
+    from microseg.ingest.files import run_ingest
 
     if not cfg.pipeline.inputs:
         return "skipped", None, "no pipeline.inputs configured"
@@ -78,7 +78,7 @@ def _ingest(spark, cfg, as_of):
 
 
 def _sessionize(spark, cfg, as_of):
-    from microseg.sessions import run_sessionize
+    from microseg.silver.sessions import run_sessionize
 
     with recorded(spark, cfg, job="sessionize") as run:
         report = run_sessionize(spark, cfg)
@@ -97,7 +97,7 @@ def _features_current(spark, cfg, as_of) -> bool:
 
 
 def _features(spark, cfg, as_of):
-    from microseg.features import run_features
+    from microseg.features.user_features import run_features
 
     if _features_current(spark, cfg, as_of):
         return "skipped", None, "features as of T are newer than the latest ingested event"
@@ -107,7 +107,7 @@ def _features(spark, cfg, as_of):
 
 
 def _segments_current(spark, cfg, as_of) -> bool:
-    from microseg import rules
+    from microseg.segments import rules
 
     if not lake.table_exists(spark, cfg.lake.root, lake.SEGMENT_CATALOG):
         return False
@@ -126,7 +126,7 @@ def _segments_current(spark, cfg, as_of) -> bool:
 
 
 def _segments(spark, cfg, as_of):
-    from microseg.segments import run_segments
+    from microseg.segments.evaluate import run_segments
 
     if _segments_current(spark, cfg, as_of):
         return "skipped", None, "segments as of T are up to date with features and definitions"
@@ -138,7 +138,7 @@ def _segments(spark, cfg, as_of):
 
 
 def _clusters(spark, cfg, as_of):
-    from microseg.clustering import assign_clusters
+    from microseg.ml.clustering import assign_clusters
 
     name = cfg.cluster.model_name
     if not _has_model(spark, cfg, "cluster", name):
@@ -149,7 +149,7 @@ def _clusters(spark, cfg, as_of):
 
 
 def _propensity(spark, cfg, as_of):
-    from microseg.propensity import score_propensity
+    from microseg.ml.propensity import score_propensity
 
     done, rows, details = [], 0, []
     for target in cfg.propensity.targets:

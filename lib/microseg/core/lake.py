@@ -10,7 +10,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from microseg import schemas
+from microseg.core import schemas
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from microseg import lake, membership, rules
-from microseg.config import Config
-from microseg.features import keyed_events_before
+from microseg.core import lake
+from microseg.core.config import Config
+from microseg.features.user_features import keyed_events_before
+from microseg.segments import membership, rules
 
 SOURCE = "rule"
 

@@ -41,7 +41,7 @@ import yaml
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from microseg.config import Config, ConfigError, parse_duration
+from microseg.core.config import Config, ConfigError, parse_duration
 
 ANY = "any"
 SEGMENT_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -617,7 +617,7 @@ def _children(condition: Condition) -> tuple[Condition, ...]:
 
 def available_features(cfg: Config) -> dict[str, str]:
     """Features a rule may use: those `features.include` selects, with their kinds."""
-    from microseg.features import select_features
+    from microseg.features.user_features import select_features
 
     return {f.name: f.kind for f in select_features(cfg.features.include)}
 
@@ -859,7 +859,7 @@ def _grouped_counts(
     max_session_length: timedelta,
 ) -> DataFrame:
     """Largest count of one product / category / session per user, per fact."""
-    from microseg.sessions import label_sessions
+    from microseg.silver.sessions import label_sessions
 
     if any(f.in_one_session for f in facts):
         events_df = label_sessions(

@@ -21,8 +21,8 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from microseg.config import ConfigError, Strict, describe_validation_error
-from microseg.schemas import MAPPABLE_FIELDS, REQUIRED_FIELDS, USER_KEY_FIELDS
+from microseg.core.config import ConfigError, Strict, describe_validation_error
+from microseg.core.schemas import MAPPABLE_FIELDS, REQUIRED_FIELDS, USER_KEY_FIELDS
 
 TIMESTAMP_FORMATS = ("iso8601", "epoch_seconds", "epoch_millis")
 

@@ -21,8 +21,8 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from microseg import lake
-from microseg.config import Config
+from microseg.core import lake
+from microseg.core.config import Config
 
 log = logging.getLogger("microseg")
 

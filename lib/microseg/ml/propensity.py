@@ -54,10 +54,16 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg import lake, membership
-from microseg.config import Config, ConfigError, PropensityConfig
-from microseg.features import FEATURES, keyed_events_before, run_features, select_features
-from microseg.sessions import ANON_PREFIX, identity_map, with_user_key
+from microseg.core import lake
+from microseg.core.config import Config, ConfigError, PropensityConfig
+from microseg.features.user_features import (
+    FEATURES,
+    keyed_events_before,
+    run_features,
+    select_features,
+)
+from microseg.segments import membership
+from microseg.silver.sessions import ANON_PREFIX, identity_map, with_user_key
 
 SOURCE = "propensity"
 LABEL = "label"

@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg import lake
-from microseg.config import Config
+from microseg.core import lake
+from microseg.core.config import Config
 
 ANON_PREFIX = "anon:"
 JOB = "sessionize"

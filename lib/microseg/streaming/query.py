@@ -13,8 +13,8 @@ validation (ingest.validate / ingest.write_classified; records are keyed
 `kafka:<topic>/<partition>` and offset, so a replayed micro-batch adds nothing); the segment
 query picks the new bronze commits up like any other.
 
-Keys. user_key as in microseg.sessions: user_id; else the user id the anonymous id is stitched
-to in silver/identity_map (a broadcast stream-static join with the table as the Delta reader
+Keys. user_key as in microseg.silver.sessions: user_id; else the user id the anonymous id is
+stitched to in silver/identity_map (a broadcast stream-static join with the table as the Delta reader
 sees it; without the table at the query start, no stitching until a restart); else
 `anon:<anonymous_id>`. Limitation: events keyed before their anonymous id was stitched keep
 their live state under `anon:<id>`; the batch job re-keys history, the stream does not.
@@ -99,10 +99,12 @@ from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
-from microseg import ingest, lake, rules
-from microseg.config import Config, ConfigError
-from microseg.sessions import user_key_of, with_user_key
-from microseg.sources import load_source, records_of_lines
+from microseg.core import lake
+from microseg.core.config import Config, ConfigError
+from microseg.ingest import files as ingest
+from microseg.ingest.sources import load_source, records_of_lines
+from microseg.segments import rules
+from microseg.silver.sessions import user_key_of, with_user_key
 
 SOURCE = "stream"
 QUERY_NAME = "microseg_stream"
@@ -566,7 +568,8 @@ def check_checkpoint(
             raise ConfigError(
                 f"stream checkpoint {checkpoint} was made for other segments or rules "
                 f"({_describe(recorded, wanted)}): its state does not fit them. Start on a new "
-                "stream.checkpoint (see microseg.streaming on the stream's rows to delete first)"
+                "stream.checkpoint (see microseg.streaming.query on the stream's rows to delete "
+                "first)"
             )
         return
     out = fs.create(path, False)

@@ -29,7 +29,7 @@ from plotly.offline import get_plotlyjs
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg import lake
+from microseg.core import lake
 
 DEFAULT_OUTPUT = "report/microseg-report.html"
 

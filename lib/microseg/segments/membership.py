@@ -23,7 +23,7 @@ from datetime import datetime
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from microseg import lake
+from microseg.core import lake
 
 REASONS = (
     "rule_matched",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from microseg import lake
-from microseg.config import Config, ConfigError
+from microseg.core import lake
+from microseg.core.config import Config, ConfigError
 
 THRIFT_SERVER_CLASS = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
 
@@ -140,8 +140,8 @@ def thrift_server_command(cfg: Config, *, host: str, port: int) -> list[str]:
     spark.master says otherwise, with Delta's JARs and settings."""
     import pyspark
 
-    from microseg.jars import delta_jars
-    from microseg.spark import REQUIRED_CONF
+    from microseg.core.jars import delta_jars
+    from microseg.core.spark import REQUIRED_CONF
 
     spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     conf = {

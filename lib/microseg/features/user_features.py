@@ -23,9 +23,9 @@ from datetime import datetime, timedelta, timezone
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from microseg import lake
-from microseg.config import Config, ConfigError
-from microseg.sessions import identity_map, sessionize, with_user_key
+from microseg.core import lake
+from microseg.core.config import Config, ConfigError
+from microseg.silver.sessions import identity_map, sessionize, with_user_key
 
 WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "90d": 90, "lifetime": None}
 DEVICES = ("mobile", "desktop", "tablet")

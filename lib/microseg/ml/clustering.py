@@ -72,10 +72,11 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
 
-from microseg import lake, membership
-from microseg.config import ClusterConfig, Config, ConfigError
-from microseg.features import FEATURES, select_features
-from microseg.segments import features_at
+from microseg.core import lake
+from microseg.core.config import ClusterConfig, Config, ConfigError
+from microseg.features.user_features import FEATURES, select_features
+from microseg.segments import membership
+from microseg.segments.evaluate import features_at
 
 SOURCE = "cluster"
 KIND = "cluster"

@@ -276,7 +276,7 @@ MODEL_REGISTRY = T.StructType(
     ]
 )
 
-# gold/propensity_scores: one row per target, as-of and user (microseg.propensity).
+# gold/propensity_scores: one row per target, as-of and user (microseg.ml.propensity).
 PROPENSITY_SCORES = T.StructType(
     [
         _field("model_name", STRING, False, "Target / model name, e.g. purchase_7d"),

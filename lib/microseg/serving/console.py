@@ -7,7 +7,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from microseg.ingest import REASONS, IngestReport
+from microseg.ingest.files import REASONS, IngestReport
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
@@ -96,7 +96,7 @@ def print_features_report(spark, cfg, report, examples: int = 3) -> None:
     """The run's counts and a few example users (the most active ones) with their features."""
     from pyspark.sql import functions as F
 
-    from microseg import lake
+    from microseg.core import lake
 
     console.print(
         f"[bold]features[/bold] as of {report.as_of} UTC: {report.users:,} users, "
@@ -179,7 +179,7 @@ def print_segments_report(report) -> None:
 def print_segment(spark, cfg, catalog, segment_id: str) -> None:
     import json
 
-    from microseg.segments import catalog_history
+    from microseg.segments.evaluate import catalog_history
 
     segment = catalog[segment_id]
     capable, why = catalog.streaming_capable(segment_id)

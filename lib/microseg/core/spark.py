@@ -8,8 +8,8 @@ import time
 
 from pyspark.sql import SparkSession
 
-from microseg.config import SparkConfig
-from microseg.jars import delta_jars, kafka_connector_jars, kafka_coordinates
+from microseg.core.config import SparkConfig
+from microseg.core.jars import delta_jars, kafka_connector_jars, kafka_coordinates
 
 # Settings every microseg session needs; config may add to them but not change them.
 REQUIRED_CONF = {
@@ -46,7 +46,7 @@ def build_spark(
     fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
     `kafka`: also load Spark's Kafka connector (resolved into the cfg.delta_jars folder like
     Delta's JARs; without that folder, added to spark.jars.packages). `conf`: settings a job
-    adds to cfg.conf (e.g. its catalog: microseg.sql_catalog.session_settings).
+    adds to cfg.conf (e.g. its catalog: microseg.serving.sql_catalog.session_settings).
     """
     use_utc_clock()
     if cfg.master and cfg.master.startswith("local"):

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from microseg.config import DEFAULT_EVENT_TYPES, GenerateConfig
+from microseg.core.config import DEFAULT_EVENT_TYPES, GenerateConfig
 
 __all__ = [
     "EVENT_TYPES",
@@ -1305,7 +1305,7 @@ def generate(
     counts = plan["counts"]
     total_records = int(len(src))
     manifest = {
-        "generator": {"name": "microseg.generate", "version": GENERATOR_VERSION},
+        "generator": {"name": "microseg.ingest.generate", "version": GENERATOR_VERSION},
         "settings": {**settings.model_dump(mode="json"), "output": str(out)},
         "format": settings.format,
         "users": settings.users,

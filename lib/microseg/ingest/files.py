@@ -21,12 +21,12 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from microseg import lake
-from microseg.config import Config, ConfigError
-from microseg.failpoints import failpoint
-from microseg.privacy import keyed_hash
-from microseg.schemas import EVENT_FIELDS, MAPPABLE_FIELDS, USER_KEY_FIELDS
-from microseg.sources import (
+from microseg.core import lake
+from microseg.core.config import Config, ConfigError
+from microseg.core.failpoints import failpoint
+from microseg.core.privacy import keyed_hash
+from microseg.core.schemas import EVENT_FIELDS, MAPPABLE_FIELDS, USER_KEY_FIELDS
+from microseg.ingest.sources import (
     InputFile,
     SourceMapping,
     column_for,

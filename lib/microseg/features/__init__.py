@@ -1,0 +1,1 @@
+"""Gold features: point-in-time user features."""

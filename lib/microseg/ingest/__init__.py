@@ -1,0 +1,2 @@
+"""Bronze: source mappings, validation into the canonical schema, quarantine, and the
+synthetic data generator."""

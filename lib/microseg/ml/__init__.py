@@ -1,0 +1,1 @@
+"""Machine-learned segments: the model registry, KMeans clusters, GBT propensity."""

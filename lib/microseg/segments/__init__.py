@@ -1,0 +1,1 @@
+"""Segments: the rule language, batch evaluation, membership history and the catalog."""

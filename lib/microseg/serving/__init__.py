@@ -1,0 +1,1 @@
+"""What people and tools read: console reports, the HTML report, the SQL catalog."""

@@ -1,0 +1,1 @@
+"""Silver: identity stitching and sessions."""

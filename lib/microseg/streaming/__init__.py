@@ -1,0 +1,1 @@
+"""Near-real-time segments with Structured Streaming."""
