@@ -14,8 +14,8 @@ validation (ingest.validate / ingest.write_classified; records are keyed
 query picks the new bronze commits up like any other.
 
 Keys. user_key as in microseg.silver.sessions: user_id; else the user id the anonymous id is
-stitched to in silver/identity_map (a broadcast stream-static join with the table as the Delta reader
-sees it; without the table at the query start, no stitching until a restart); else
+stitched to in silver/identity_map (a broadcast stream-static join with the table as the Delta
+reader sees it; without the table at the query start, no stitching until a restart); else
 `anon:<anonymous_id>`. Limitation: events keyed before their anonymous id was stitched keep
 their live state under `anon:<id>`; the batch job re-keys history, the stream does not.
 
