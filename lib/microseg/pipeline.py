@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake
 from microseg.core.config import Config
 from microseg.core.runs import recorded
+from microseg.features import snapshots
 
 
 class PipelineError(Exception):
@@ -89,7 +90,7 @@ def _sessionize(spark, cfg, as_of):
 
 
 def _features_current(spark, cfg, as_of) -> bool:
-    computed = _max(spark, cfg, lake.USER_FEATURES, "computed_at", F.col("as_of") == F.lit(as_of))
+    computed = snapshots.computed_at(spark, cfg.lake.root, as_of)
     if computed is None:
         return False
     latest_ingest = _max(spark, cfg, lake.EVENTS, "ingested_at")
@@ -121,7 +122,7 @@ def _segments_current(spark, cfg, as_of) -> bool:
     )
     if not wanted <= {(r.segment_id, r.definition_version) for r in rows}:
         return False
-    computed = _max(spark, cfg, lake.USER_FEATURES, "computed_at", F.col("as_of") == F.lit(as_of))
+    computed = snapshots.computed_at(spark, cfg.lake.root, as_of)
     return computed is not None and computed <= min(r.recorded_at for r in rows)
 
 

@@ -74,9 +74,9 @@ from scipy.optimize import linear_sum_assignment
 
 from microseg.core import lake
 from microseg.core.config import ClusterConfig, Config, ConfigError
+from microseg.features import snapshots
 from microseg.features.user_features import FEATURES, select_features
 from microseg.segments import membership
-from microseg.segments.evaluate import features_at
 
 SOURCE = "cluster"
 KIND = "cluster"
@@ -1004,7 +1004,7 @@ def train_clusters(
     as_of = _naive_utc(as_of)
     available = {f.name for f in select_features(cfg.features.include)}
     fill = fill_rules(features, available)
-    features_df = features_at(spark, cfg, as_of)
+    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of)
     sources = sorted({s for s, _ in fill.values() if s})
     _require_columns(features_df, [*features, *sources], as_of)
     features_df = features_df.select("user_key", *dict.fromkeys([*features, *sources]))
@@ -1112,7 +1112,7 @@ def assign_clusters(
     entry = registry_entry(spark, root, cfg.cluster.model_name, version)
     details = json.loads(entry.details)
     model = PipelineModel.load(entry.path)
-    features_df = features_at(spark, cfg, as_of)
+    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of)
     needed = sorted(
         {*details["features"], *(f["from"] for f in details["fill"].values() if f["from"])}
     )

@@ -56,6 +56,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config, ConfigError, PropensityConfig
+from microseg.features import snapshots
 from microseg.features.user_features import (
     FEATURES,
     keyed_events_before,
@@ -239,29 +240,6 @@ def ensure_snapshots(spark: SparkSession, cfg: Config, as_ofs: list[datetime]) -
     return computed
 
 
-def snapshot_features(
-    spark: SparkSession,
-    cfg: Config,
-    as_of: datetime,
-    columns: list[str],
-    *,
-    optional: tuple[str, ...] = (),
-) -> DataFrame:
-    """gold/user_features at as_of: user_key, as_of, columns, and those of `optional` the
-    table has (see ensure_snapshots for computing a missing snapshot)."""
-    table_df = lake.read_table(spark, cfg.lake.root, lake.USER_FEATURES)
-    missing = [c for c in columns if c not in table_df.columns]
-    if missing:
-        raise ValueError(
-            f"gold/user_features has no column(s) {missing}: add them to features.include and "
-            f"recompute with `microseg features --as-of {as_of.isoformat()}Z`"
-        )
-    extra = [c for c in optional if c in table_df.columns and c not in columns]
-    return table_df.filter(
-        (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
-    ).select("user_key", "as_of", *columns, *extra)
-
-
 def labeled_snapshot(
     spark: SparkSession,
     cfg: Config,
@@ -279,7 +257,14 @@ def labeled_snapshot(
     as_of = _naive_utc(as_of)
     columns = model_features(cfg) if columns is None else columns
     computed = bool(ensure_snapshots(spark, cfg, [as_of])) if ensure else False
-    features_df = snapshot_features(spark, cfg, as_of, columns, optional=HEURISTICS[spec.kind][0])
+    features_df = snapshots.snapshot(
+        spark,
+        cfg.lake.root,
+        as_of,
+        columns=columns,
+        optional=HEURISTICS[spec.kind][0],
+        require=False,
+    )
     events_df = lake.read_table(spark, cfg.lake.root, lake.EVENTS)
     return (
         with_labels(features_df, events_df, as_of=as_of, kind=spec.kind, horizon=spec.horizon),
@@ -998,7 +983,7 @@ def score_propensity(
     model = PipelineModel.load(row.path)
     features = json.loads(row.params)["features"]
     computed = bool(ensure_snapshots(spark, cfg, [as_of]))
-    features_df = snapshot_features(spark, cfg, as_of, features)
+    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of, columns=features, require=False)
     run_id = uuid.uuid4().hex
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
     ranked_df = (

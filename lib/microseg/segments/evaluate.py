@@ -29,6 +29,7 @@ from pyspark.sql import types as T
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.features import snapshots
 from microseg.features.user_features import keyed_events_before
 from microseg.segments import membership, rules
 
@@ -221,22 +222,6 @@ def held_back(
     )
 
 
-def features_at(spark: SparkSession, cfg: Config, as_of: datetime) -> DataFrame:
-    root = cfg.lake.root
-    missing = FileNotFoundError(
-        f"no gold/user_features as of {as_of.isoformat()} under {root}: run "
-        f"`microseg features --as-of {as_of.isoformat()}Z` first"
-    )
-    if not lake.table_exists(spark, root, lake.USER_FEATURES):
-        raise missing
-    features_df = lake.read_table(spark, root, lake.USER_FEATURES).filter(
-        (F.col("as_of_date") == F.lit(as_of.date())) & (F.col("as_of") == F.lit(as_of))
-    )
-    if features_df.limit(1).count() == 0:
-        raise missing
-    return features_df
-
-
 def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
@@ -248,7 +233,7 @@ def run_segments(
     root = cfg.lake.root
     as_of = _naive_utc(as_of)
     catalog = rules.load_segments(cfg, path)
-    features_df = features_at(spark, cfg, as_of)
+    features_df = snapshots.snapshot(spark, root, as_of)
     check_sql(catalog, features_df)
     run_id = uuid.uuid4().hex
     facts = catalog.facts()

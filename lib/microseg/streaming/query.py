@@ -101,6 +101,7 @@ from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
 from microseg.core import lake
 from microseg.core.config import Config, ConfigError
+from microseg.features import snapshots
 from microseg.ingest import files as ingest
 from microseg.ingest.sources import load_source, records_of_lines
 from microseg.segments import rules
@@ -636,19 +637,6 @@ def stream_sink(
     )
 
 
-def latest_features(spark: SparkSession, root: str) -> DataFrame | None:
-    """The newest snapshot of gold/user_features without its key columns, or None."""
-    if not lake.table_exists(spark, root, lake.USER_FEATURES):
-        return None
-    features_df = lake.read_table(spark, root, lake.USER_FEATURES)
-    latest = features_df.agg(F.max("as_of")).first()[0]
-    if latest is None:
-        return None
-    return features_df.filter(
-        (F.col("as_of_date") == F.lit(latest.date())) & (F.col("as_of") == F.lit(latest))
-    ).drop("as_of", "as_of_date", "computed_at", "run_id")
-
-
 def member_flags(
     catalog: rules.SegmentCatalog, segment_ids: list[str], frame_df: DataFrame
 ) -> DataFrame:
@@ -857,7 +845,7 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
         if points == 0:
             return
         frame_df = points_frame(
-            facts_df, sink.plan, latest_features(spark, sink.root), sink.features
+            facts_df, sink.plan, snapshots.latest_snapshot(spark, sink.root), sink.features
         )
         membership_df = lake.read_table(spark, sink.root, lake.SEGMENT_MEMBERSHIP)
         versions = {sid: sink.catalog.version(sid) for sid in sink.segment_ids}
