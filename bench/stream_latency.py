@@ -45,7 +45,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake
 from microseg.core.config import load_config
 from microseg.core.spark import build_spark
-from microseg.segments import rules
+from microseg.segments.parse import load_segments
 from microseg.streaming import query as streaming
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def run_one(spark, args, trigger_s: float) -> dict:
     )
     events_path = lake.table_path(cfg.lake.root, lake.EVENTS)
     lake.ensure_table(spark, cfg.lake.root, lake.EVENTS)
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     sink = streaming.stream_sink(
         spark, cfg, catalog, streaming.streamed_segments(catalog, cfg.stream.segments)
     )

@@ -10,7 +10,9 @@ from tests.test_sessions import ev, events_df
 
 from microseg.features.user_features import keyed_events_before
 from microseg.segments import evaluate as segments
-from microseg.segments import rules
+from microseg.segments.facts import compute_facts, with_facts
+from microseg.segments.model import SegmentCatalog, SegmentFileError
+from microseg.segments.parse import available_features, load_segments
 
 T = datetime(2026, 9, 1, 10, 0)  # T0 of test_sessions: ev(..., minute) is T + minutes
 HOUR, DAY = 60, 24 * 60
@@ -22,12 +24,12 @@ def write(tmp_path, text: str):
     return path
 
 
-def load(cfg, tmp_path, text: str) -> rules.SegmentCatalog:
-    return rules.load_segments(cfg, write(tmp_path, text))
+def load(cfg, tmp_path, text: str) -> SegmentCatalog:
+    return load_segments(cfg, write(tmp_path, text))
 
 
 def problems(cfg, tmp_path, text: str) -> list[str]:
-    with pytest.raises(rules.SegmentFileError) as info:
+    with pytest.raises(SegmentFileError) as info:
         load(cfg, tmp_path, text)
     return info.value.problems
 
@@ -37,7 +39,7 @@ def problems(cfg, tmp_path, text: str) -> list[str]:
 
 
 def test_default_catalog_is_valid_and_ordered_parents_first(cfg):
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     ids = catalog.ids()
     assert len(ids) == 12
     assert ids.index("high_value_customers") < ids.index("high_value_at_risk")
@@ -223,7 +225,7 @@ def members(spark, cfg, tmp_path, text: str, features: dict, events=(), as_of=T)
     schema = ", ".join(
         ["user_key string"]
         + [
-            f"{c} {'string' if rules.available_features(cfg)[c] == 'string' else 'double'}"
+            f"{c} {'string' if available_features(cfg)[c] == 'string' else 'double'}"
             for c in columns
         ]
     )
@@ -233,7 +235,7 @@ def members(spark, cfg, tmp_path, text: str, features: dict, events=(), as_of=T)
     facts = catalog.facts()
     facts_df = None
     if facts:
-        facts_df = rules.compute_facts(
+        facts_df = compute_facts(
             keyed_events_before(events_df(spark, list(events)), as_of),
             facts,
             as_of=as_of,
@@ -241,7 +243,7 @@ def members(spark, cfg, tmp_path, text: str, features: dict, events=(), as_of=T)
             max_session_length=timedelta(hours=6),
         )
     segments.check_sql(catalog, features_df)
-    flags = segments.evaluate(catalog, rules.with_facts(features_df, facts_df, facts), as_of)
+    flags = segments.evaluate(catalog, with_facts(features_df, facts_df, facts), as_of)
     rows = flags.collect()
     return {s.id: sorted(r.user_key for r in rows if r[f"_m_{s.id}"]) for s in catalog.segments}
 
@@ -395,7 +397,7 @@ def test_child_refines_parent_and_sql_errors_name_the_line(spark, cfg, tmp_path)
             conditions:
               - sql: revenue_lifetime + 1
         """
-    with pytest.raises(rules.SegmentFileError) as info:
+    with pytest.raises(SegmentFileError) as info:
         members(spark, cfg, tmp_path, bad, feats)
     first, second = info.value.problems
     assert first.startswith(f"{tmp_path / 'segments.yaml'} line 5: segment 'x': sql: ")

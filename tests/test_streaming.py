@@ -25,6 +25,7 @@ from microseg.core import lake
 from microseg.core.config import ConfigError
 from microseg.features.user_features import run_features
 from microseg.segments.evaluate import run_segments
+from microseg.segments.parse import load_segments
 from microseg.silver.sessions import run_sessionize
 from microseg.streaming import query as streaming
 
@@ -90,9 +91,9 @@ def intervals(spark, cfg) -> list[tuple]:
 
 
 def plan_of(cfg) -> streaming.FactPlan:
-    from microseg.segments import rules
+    from microseg.segments.parse import load_segments
 
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     return streaming.fact_plan(catalog, streaming.streamed_segments(catalog, None))
 
 
@@ -168,9 +169,8 @@ def test_timer_fires_when_the_watermark_reaches_the_lapse():
 
 
 def test_default_catalog_streams_event_rules_only(cfg):
-    from microseg.segments import rules
 
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     assert streaming.streamed_segments(catalog, None) == [
         "cart_abandoners_24h",
         "recent_buyers",
@@ -241,10 +241,9 @@ def test_window_lapse_exits_by_timer_and_late_events_are_counted(spark, tmp_path
 
 
 def test_replaying_a_batch_changes_nothing(spark, tmp_path):
-    from microseg.segments import rules
 
     cfg = stream_config(tmp_path)
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     sink = streaming.stream_sink(spark, cfg, catalog, streaming.streamed_segments(catalog, None))
     plan = sink.plan
     add = next(c.name for c in plan.counts if not c.anchor)

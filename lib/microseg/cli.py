@@ -168,7 +168,8 @@ def _segments_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _segments(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.segments import rules
+    from microseg.segments.model import SegmentFileError
+    from microseg.segments.parse import load_segments
     from microseg.serving import console as report
 
     if args.action == "run" and args.as_of is None:
@@ -176,12 +177,12 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "show" and not args.segment_id:
         raise ConfigError("segments show needs a segment id")
     try:
-        catalog = rules.load_segments(cfg, args.file)
+        catalog = load_segments(cfg, args.file)
         if args.action == "validate":
             _check_sql_without_data(cfg, catalog)
             report.print_segment_validation(catalog)
             return 0
-    except rules.SegmentFileError as exc:
+    except SegmentFileError as exc:
         for problem in exc.problems:
             print(f"microseg segments: {problem}", file=sys.stderr)
         return 2
@@ -209,15 +210,16 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
 
 def _check_sql_without_data(cfg: Config, catalog) -> None:
     """sql conditions are checked by Spark's analyzer on an empty frame (no job runs)."""
-    from microseg.segments import rules
-    from microseg.segments.evaluate import _sql_conditions, check_sql, feature_frame_schema
+    from microseg.segments.evaluate import check_sql, feature_frame_schema
+    from microseg.segments.model import sql_conditions
+    from microseg.segments.parse import available_features
 
-    if not any(_sql_conditions(s.condition) for s in catalog.segments):
+    if not any(sql_conditions(s.condition) for s in catalog.segments):
         return
     from microseg.core.spark import build_spark
 
     spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments-validate")
-    schema = feature_frame_schema(rules.available_features(cfg))
+    schema = feature_frame_schema(available_features(cfg))
     check_sql(catalog, spark.createDataFrame([], schema))
 
 

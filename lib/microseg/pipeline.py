@@ -108,11 +108,11 @@ def _features(spark, cfg, as_of):
 
 
 def _segments_current(spark, cfg, as_of) -> bool:
-    from microseg.segments import rules
+    from microseg.segments.parse import load_segments
 
     if not lake.table_exists(spark, cfg.lake.root, lake.SEGMENT_CATALOG):
         return False
-    catalog = rules.load_segments(cfg)
+    catalog = load_segments(cfg)
     wanted = {(s.id, catalog.version(s.id)) for s in catalog.segments}
     rows = (
         lake.read_table(spark, cfg.lake.root, lake.SEGMENT_CATALOG)

@@ -1,7 +1,7 @@
 """Rule segments as of a point in time: evaluate, guard, publish (`microseg segments run`).
 
 For an as-of time T: the users are those with features as of T (gold/user_features); each
-segment's rule (its own conditions and its ancestors', see rules.segment_condition) is
+segment's rule (its own conditions and its ancestors', see segment_condition) is
 evaluated over their features and the event facts before T. Then the guards apply, parents
 before children:
 
@@ -31,7 +31,16 @@ from microseg.core import lake
 from microseg.core.config import Config
 from microseg.features import snapshots
 from microseg.features.user_features import keyed_events_before
-from microseg.segments import membership, rules
+from microseg.segments import membership
+from microseg.segments.compile import exclusive_winners, segment_condition
+from microseg.segments.facts import compute_facts, with_facts
+from microseg.segments.model import (
+    Segment,
+    SegmentCatalog,
+    SegmentFileError,
+    sql_conditions,
+)
+from microseg.segments.parse import load_segments
 
 SOURCE = "rule"
 
@@ -63,11 +72,11 @@ def _flag(segment_id: str) -> str:
     return f"_m_{segment_id}"
 
 
-def check_sql(catalog: rules.SegmentCatalog, frame_df: DataFrame) -> None:
+def check_sql(catalog: SegmentCatalog, frame_df: DataFrame) -> None:
     """Every sql condition must resolve over the feature columns and be boolean."""
     problems = []
     for segment in catalog.segments:
-        for condition in _sql_conditions(segment.condition):
+        for condition in sql_conditions(segment.condition):
             where = f"{catalog.path} line {condition.line}: segment '{segment.id}': sql"
             try:
                 dtype = frame_df.select(F.expr(condition.expression)).schema[0].dataType
@@ -80,13 +89,7 @@ def check_sql(catalog: rules.SegmentCatalog, frame_df: DataFrame) -> None:
                     f"{where}: {condition.expression!r} is {dtype.simpleString()}, not boolean"
                 )
     if problems:
-        raise rules.SegmentFileError(problems)
-
-
-def _sql_conditions(condition: rules.Condition) -> list[rules.SqlCondition]:
-    if isinstance(condition, rules.SqlCondition):
-        return [condition]
-    return [c for child in rules._children(condition) for c in _sql_conditions(child)]
+        raise SegmentFileError(problems)
 
 
 def feature_frame_schema(features: dict[str, str]) -> T.StructType:
@@ -98,20 +101,17 @@ def feature_frame_schema(features: dict[str, str]) -> T.StructType:
     )
 
 
-def evaluate(catalog: rules.SegmentCatalog, frame_df: DataFrame, as_of: datetime) -> DataFrame:
+def evaluate(catalog: SegmentCatalog, frame_df: DataFrame, as_of: datetime) -> DataFrame:
     """user_key and one boolean column `_m_<id>` per segment: does the user match it."""
     as_of_col = F.lit(as_of)
     return frame_df.select(
         "user_key",
-        *[
-            rules.segment_condition(catalog, s.id, as_of_col).alias(_flag(s.id))
-            for s in catalog.segments
-        ],
+        *[segment_condition(catalog, s.id, as_of_col).alias(_flag(s.id)) for s in catalog.segments],
     )
 
 
 def guard(
-    catalog: rules.SegmentCatalog, matched: dict[str, int], users: int
+    catalog: SegmentCatalog, matched: dict[str, int], users: int
 ) -> dict[str, tuple[str, str | None]]:
     """segment_id -> (status, reason), parents first."""
     statuses: dict[str, tuple[str, str | None]] = {}
@@ -143,13 +143,13 @@ def guard(
 
 
 def assign(
-    catalog: rules.SegmentCatalog,
+    catalog: SegmentCatalog,
     flags_df: DataFrame,
     statuses: dict[str, tuple[str, str | None]],
 ) -> DataFrame:
     """Members: user_key, segment_id, score (null for rules), fallback."""
     published = [s for s in catalog.segments if statuses[s.id][0] == "active"]
-    winners = rules.exclusive_winners(published, _flag)
+    winners = exclusive_winners(published, _flag)
     entries = []
     for segment in published:
         member = F.col(_flag(segment.id))
@@ -191,7 +191,7 @@ def assign(
 
 
 def held_back(
-    catalog: rules.SegmentCatalog,
+    catalog: SegmentCatalog,
     flags_df: DataFrame,
     members_df: DataFrame,
     statuses: dict[str, tuple[str, str | None]],
@@ -232,7 +232,7 @@ def run_segments(
     """Evaluate every rule segment as of `as_of` and publish the members."""
     root = cfg.lake.root
     as_of = _naive_utc(as_of)
-    catalog = rules.load_segments(cfg, path)
+    catalog = load_segments(cfg, path)
     features_df = snapshots.snapshot(spark, root, as_of)
     check_sql(catalog, features_df)
     run_id = uuid.uuid4().hex
@@ -240,14 +240,14 @@ def run_segments(
     facts_df = None
     if facts:
         keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of)
-        facts_df = rules.compute_facts(
+        facts_df = compute_facts(
             keyed_df,
             facts,
             as_of=as_of,
             inactivity_timeout=cfg.sessions.inactivity_timeout,
             max_session_length=cfg.sessions.max_session_length,
         )
-    frame_df = rules.with_facts(features_df, facts_df, facts)
+    frame_df = with_facts(features_df, facts_df, facts)
     flags_df = evaluate(catalog, frame_df, as_of).persist()
     counts = flags_df.agg(
         F.count(F.lit(1)).alias("_users"),
@@ -317,7 +317,7 @@ def run_segments(
 def _write_catalog(
     spark: SparkSession,
     root: str,
-    catalog: rules.SegmentCatalog,
+    catalog: SegmentCatalog,
     results: list[SegmentResult],
     overlaps: dict[str, dict[str, float]],
     *,
@@ -327,7 +327,7 @@ def _write_catalog(
     rows = []
     for result in results:
         try:
-            segment: rules.Segment | None = catalog[result.segment_id]
+            segment: Segment | None = catalog[result.segment_id]
         except KeyError:
             segment = None
         rows.append(

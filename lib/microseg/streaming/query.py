@@ -104,7 +104,16 @@ from microseg.core.config import Config, ConfigError
 from microseg.features import snapshots
 from microseg.ingest import files as ingest
 from microseg.ingest.sources import load_source, records_of_lines
-from microseg.segments import rules
+from microseg.segments.compile import exclusive_winners, segment_condition
+from microseg.segments.model import (
+    EventCondition,
+    EventCount,
+    LastCondition,
+    LastTime,
+    SegmentCatalog,
+    facts_of,
+)
+from microseg.segments.parse import available_features, load_segments
 from microseg.silver.sessions import user_key_of, with_user_key
 
 SOURCE = "stream"
@@ -244,7 +253,7 @@ def _with_trigger(writer, cfg: Config, available_now: bool):
 # which segments, and what the state must keep for them
 
 
-def streamed_segments(catalog: rules.SegmentCatalog, chosen: tuple[str, ...] | None) -> list[str]:
+def streamed_segments(catalog: SegmentCatalog, chosen: tuple[str, ...] | None) -> list[str]:
     """Ids of the segments the stream keeps, in catalog order (see the module docstring)."""
     if chosen is not None:
         problems = []
@@ -262,13 +271,13 @@ def streamed_segments(catalog: rules.SegmentCatalog, chosen: tuple[str, ...] | N
         s.id
         for s in catalog.segments
         if catalog.streaming_capable(s.id)[0]
-        and any(rules.facts_of(c.condition) for c in catalog.chain(s.id))
+        and any(facts_of(c.condition) for c in catalog.chain(s.id))
     ]
 
 
 @dataclass(frozen=True)
 class CountPlan:
-    name: str  # the fact's column name (rules.EventCount.name)
+    name: str  # the fact's column name (EventCount.name)
     types: tuple[str, ...] | None
     within: int | None  # microseconds
     anchor: str | None  # key of the since_last anchor
@@ -277,7 +286,7 @@ class CountPlan:
 
 @dataclass(frozen=True)
 class LastPlan:
-    name: str  # rules.LastTime.name
+    name: str  # LastTime.name
     types: tuple[str, ...] | None
     lapses: tuple[int, ...]  # durations d (us): a condition flips at last + d + 1us
 
@@ -296,29 +305,23 @@ def _micros(delta) -> int:
     return round(delta.total_seconds() * 1_000_000)
 
 
-def _conditions(condition: rules.Condition) -> Iterator[rules.Condition]:
-    yield condition
-    for child in rules._children(condition):
-        yield from _conditions(child)
-
-
-def fact_plan(catalog: rules.SegmentCatalog, segment_ids: list[str]) -> FactPlan:
+def fact_plan(catalog: SegmentCatalog, segment_ids: list[str]) -> FactPlan:
     """What the state keeps for the facts of the segments' rules (and their ancestors')."""
-    caps: dict[rules.EventCount, int] = {}
-    lapses: dict[rules.LastTime, set[int]] = {}
+    caps: dict[EventCount, int] = {}
+    lapses: dict[LastTime, set[int]] = {}
     seen: set[str] = set()
     for segment_id in segment_ids:
         for segment in catalog.chain(segment_id):
             if segment.id in seen:
                 continue
             seen.add(segment.id)
-            for condition in _conditions(segment.condition):
-                if isinstance(condition, rules.EventCondition):
+            for condition in segment.condition.walk():
+                if isinstance(condition, EventCondition):
                     bounds = [condition.at_least or 0]
                     if condition.at_most is not None:
                         bounds.append(condition.at_most + 1)
                     caps[condition.fact] = max(caps.get(condition.fact, 1), *bounds)
-                elif isinstance(condition, rules.LastCondition):
+                elif isinstance(condition, LastCondition):
                     durations = lapses.setdefault(condition.fact, set())
                     for d in (condition.within, condition.older_than):
                         if d is not None:
@@ -554,7 +557,7 @@ SEGMENTS_FILE = "microseg-segments.json"
 
 
 def check_checkpoint(
-    spark: SparkSession, checkpoint: str, catalog: rules.SegmentCatalog, segment_ids: list[str]
+    spark: SparkSession, checkpoint: str, catalog: SegmentCatalog, segment_ids: list[str]
 ) -> None:
     """Record the streamed segments' versions in a new checkpoint; refuse one that was made
     for other versions (its state holds the facts of those rules)."""
@@ -607,7 +610,7 @@ class StreamSink:
     features rules may use."""
 
     root: str
-    catalog: rules.SegmentCatalog
+    catalog: SegmentCatalog
     segment_ids: list[str]
     plan: FactPlan
     run_prefix: str
@@ -620,7 +623,7 @@ class StreamSink:
 def stream_sink(
     spark: SparkSession,
     cfg: Config,
-    catalog: rules.SegmentCatalog,
+    catalog: SegmentCatalog,
     segment_ids: list[str],
 ) -> StreamSink:
     """The sink of a query over `segment_ids`, its tables created if they do not exist."""
@@ -633,20 +636,18 @@ def stream_sink(
         segment_ids=segment_ids,
         plan=fact_plan(catalog, segment_ids),
         run_prefix=f"{prefix}-{uuid.uuid4().hex[:6]}",
-        features=rules.available_features(cfg),
+        features=available_features(cfg),
     )
 
 
-def member_flags(
-    catalog: rules.SegmentCatalog, segment_ids: list[str], frame_df: DataFrame
-) -> DataFrame:
+def member_flags(catalog: SegmentCatalog, segment_ids: list[str], frame_df: DataFrame) -> DataFrame:
     """user_key, as_of, segment_id, matched (the rule holds), member (matched and not outranked
     in its exclusive group among the streamed segments): one row per point and segment."""
     matched = {
-        sid: rules.segment_condition(catalog, sid, F.col("as_of")).alias(sid) for sid in segment_ids
+        sid: segment_condition(catalog, sid, F.col("as_of")).alias(sid) for sid in segment_ids
     }
     flags_df = frame_df.select("user_key", "as_of", *matched.values())
-    winners = rules.exclusive_winners([catalog[sid] for sid in segment_ids], lambda sid: sid)
+    winners = exclusive_winners([catalog[sid] for sid in segment_ids], lambda sid: sid)
     entries = []
     for sid in segment_ids:
         group = catalog[sid].exclusive_group
@@ -893,7 +894,7 @@ class StreamReport:
 
 
 def _load(spark: SparkSession, cfg: Config, path: str | None):
-    catalog = rules.load_segments(cfg, path)
+    catalog = load_segments(cfg, path)
     segment_ids = streamed_segments(catalog, cfg.stream.segments)
     if not segment_ids:
         raise ConfigError(f"{catalog.path}: no segment the stream can keep (stream.segments)")

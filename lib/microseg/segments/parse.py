@@ -1,244 +1,42 @@
-"""The segment rule language: parsing and checking conf/segments.yaml, and compiling rules.
+"""Reading and checking a segment file (conf/segments.yaml) into a SegmentCatalog.
 
-This module is the one place that defines what a rule means. A segment's conditions compile
-to a Spark Column over a per-user frame holding the user features (gold/user_features at the
-as-of time T) and the *facts* the conditions need, computed from the user's events strictly
-before T (see `compute_facts`). The batch job and the streaming job both evaluate rules with
-`compile_condition`; they differ only in how they obtain the facts.
-
-Condition kinds (README "Segment rules" has the user's manual):
-
-    {feature: F, gte: 3}                 comparisons: eq ne gt gte lt lte between in not_in
-                                         is_null (several in one mapping must all hold)
-    {event: add_to_cart, within: 24h, at_least: 1}
-                                         count of events of the type(s) in [T - within, T);
-                                         at_least / at_most; options: since_last: TYPE (only
-                                         events after the user's last TYPE event), per:
-                                         product|category (the largest count of one product or
-                                         category), in_one_session: true (within one session)
-    {last: purchase, within: 30d}        recency: the last event of the type(s) is in the
-    {last: any, older_than: 60d}         window / is older / does not exist (never: true)
-    {all: [...]}, {any: [...]}, {not: C} combinations
-    {sql: "revenue_90d > 2 * revenue_30d"}
-                                         Spark SQL boolean expression over feature columns
-
-Missing values: a comparison with a null feature, or an event count `since_last` a type the
-user never had, is false (never null), so `not` always means the opposite.
+Every problem found is collected, each naming the file, line and segment, and raised together
+as one SegmentFileError, so a user fixes a file in one pass.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pyspark.sql import Column, DataFrame
-from pyspark.sql import functions as F
 
-from microseg.core.config import Config, ConfigError, parse_duration
-
-ANY = "any"
-SEGMENT_ID = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "between", "in", "not_in", "is_null")
-ORDERED = ("gt", "gte", "lt", "lte", "between")
-PER = {"product": "product_id", "category": "category"}
-SEGMENT_KEYS = (
-    "id",
-    "name",
-    "description",
-    "tags",
-    "conditions",
-    "parent",
-    "exclusive",
-    "min_size",
+from microseg.core.config import Config, parse_duration
+from microseg.segments.model import (
+    ANY,
+    COMPARISONS,
+    ORDERED,
+    PER,
+    SEGMENT_ID,
+    SEGMENT_KEYS,
+    AllCondition,
+    AnyCondition,
+    Condition,
+    EventCondition,
+    EventCount,
+    FeatureCondition,
+    LastCondition,
+    LastTime,
+    MinSize,
+    NotCondition,
+    Segment,
+    SegmentCatalog,
+    SegmentFileError,
+    SqlCondition,
 )
-
-
-class SegmentFileError(ConfigError):
-    """One or more problems in a segment file; each names the file, line and segment."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        super().__init__(problems[0] + more)
-
-
-# --------------------------------------------------------------------------------------
-# the parsed form
-
-
-@dataclass(frozen=True)
-class EventCount:
-    """Fact: how many events of `types` (None: any) the user had in [T - within, T)."""
-
-    types: tuple[str, ...] | None
-    within: timedelta | None = None
-    since_last: tuple[str, ...] | None = None
-    per: str | None = None  # "product" or "category": the largest count of one of them
-    in_one_session: bool = False
-
-    @property
-    def name(self) -> str:
-        return "_fact_n_" + _digest(repr(self))[:12]
-
-    @property
-    def streamable(self) -> bool:
-        return self.per is None and not self.in_one_session
-
-
-@dataclass(frozen=True)
-class LastTime:
-    """Fact: the time of the user's last event of `types` (None: any) before T."""
-
-    types: tuple[str, ...] | None
-
-    @property
-    def name(self) -> str:
-        return "_fact_last_" + _digest(repr(self))[:12]
-
-    streamable = True
-
-
-Fact = EventCount | LastTime
-
-
-@dataclass(frozen=True)
-class Condition:
-    line: int
-
-
-@dataclass(frozen=True)
-class FeatureCondition(Condition):
-    feature: str
-    tests: tuple[tuple[str, Any], ...]  # (comparison, value), all must hold
-
-
-@dataclass(frozen=True)
-class EventCondition(Condition):
-    fact: EventCount
-    at_least: int | None
-    at_most: int | None
-
-
-@dataclass(frozen=True)
-class LastCondition(Condition):
-    fact: LastTime
-    within: timedelta | None
-    older_than: timedelta | None
-    never: bool
-
-
-@dataclass(frozen=True)
-class AllCondition(Condition):
-    items: tuple[Condition, ...]
-
-
-@dataclass(frozen=True)
-class AnyCondition(Condition):
-    items: tuple[Condition, ...]
-
-
-@dataclass(frozen=True)
-class NotCondition(Condition):
-    item: Condition
-
-
-@dataclass(frozen=True)
-class SqlCondition(Condition):
-    expression: str
-
-
-@dataclass(frozen=True)
-class MinSize:
-    count: int | None = None
-    share: float | None = None  # of all users with features at T, 0..1
-
-    def threshold(self, users: int) -> int:
-        if self.count is not None:
-            return self.count
-        return int(-(-(self.share or 0.0) * users // 1))  # ceiling
-
-    def __str__(self) -> str:
-        return str(self.count) if self.count is not None else f"{(self.share or 0) * 100:g}%"
-
-
-@dataclass(frozen=True)
-class Segment:
-    id: str
-    name: str
-    description: str
-    tags: tuple[str, ...]
-    condition: Condition
-    parent: str | None
-    exclusive_group: str | None
-    priority: int | None
-    min_size: MinSize | None
-    line: int
-    definition: dict = field(hash=False, compare=False)  # as written, for the catalog
-
-    @property
-    def own_version(self) -> str:
-        """Hash of what decides membership (not name, description or tags)."""
-        keys = ("conditions", "parent", "exclusive", "min_size")
-        material = {k: self.definition.get(k) for k in keys}
-        return _digest(json.dumps(material, sort_keys=True, default=str))[:16]
-
-
-@dataclass(frozen=True)
-class SegmentCatalog:
-    path: str
-    segments: tuple[Segment, ...]  # parents before children
-
-    def __getitem__(self, segment_id: str) -> Segment:
-        for segment in self.segments:
-            if segment.id == segment_id:
-                return segment
-        raise KeyError(segment_id)
-
-    def ids(self) -> list[str]:
-        return [s.id for s in self.segments]
-
-    def version(self, segment_id: str) -> str:
-        """A segment's version covers its own definition and its ancestors'."""
-        segment = self[segment_id]
-        own = segment.own_version
-        if segment.parent is None:
-            return own
-        return _digest(own + self.version(segment.parent))[:16]
-
-    def chain(self, segment_id: str) -> list[Segment]:
-        """The segment and its ancestors, the segment first."""
-        out = [self[segment_id]]
-        while out[-1].parent is not None:
-            out.append(self[out[-1].parent])
-        return out
-
-    def facts(self) -> list[Fact]:
-        seen: dict[str, Fact] = {}
-        for segment in self.segments:
-            for fact in facts_of(segment.condition):
-                seen.setdefault(fact.name, fact)
-        return list(seen.values())
-
-    def streaming_capable(self, segment_id: str) -> tuple[bool, str]:
-        """Whether the streaming job can keep it incrementally, and if not, why."""
-        for segment in self.chain(segment_id):
-            blocked = _not_streamable(segment.condition)
-            if blocked:
-                where = "" if segment.id == segment_id else f" (in parent '{segment.id}')"
-                return False, blocked + where
-        return True, "event counts, recency and snapshot features only"
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
 
 # --------------------------------------------------------------------------------------
 # YAML with line numbers
@@ -595,26 +393,6 @@ def _suggest(word: str, choices: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _not_streamable(condition: Condition) -> str | None:
-    if isinstance(condition, SqlCondition):
-        return None  # over snapshot features
-    if isinstance(condition, EventCondition) and not condition.fact.streamable:
-        return f"line {condition.line}: per-product/category or in-one-session counts"
-    for child in _children(condition):
-        blocked = _not_streamable(child)
-        if blocked:
-            return blocked
-    return None
-
-
-def _children(condition: Condition) -> tuple[Condition, ...]:
-    if isinstance(condition, AllCondition | AnyCondition):
-        return condition.items
-    if isinstance(condition, NotCondition):
-        return (condition.item,)
-    return ()
-
-
 def available_features(cfg: Config) -> dict[str, str]:
     """Features a rule may use: those `features.include` selects, with their kinds."""
     from microseg.features.user_features import select_features
@@ -698,212 +476,3 @@ def _parents_first(segments: dict[str, Segment]) -> list[Segment]:
 
     order = {sid: i for i, sid in enumerate(segments)}
     return sorted(segments.values(), key=lambda s: (depth(s), order[s.id]))
-
-
-# --------------------------------------------------------------------------------------
-# compiling
-
-
-def facts_of(condition: Condition) -> list[Fact]:
-    if isinstance(condition, EventCondition | LastCondition):
-        return [condition.fact]
-    return [fact for child in _children(condition) for fact in facts_of(child)]
-
-
-def compile_condition(condition: Condition, as_of: Column) -> Column:
-    """The condition as a non-null boolean Column over features + fact columns."""
-    if isinstance(condition, AllCondition):
-        out = compile_condition(condition.items[0], as_of)
-        for item in condition.items[1:]:
-            out = out & compile_condition(item, as_of)
-        return out
-    if isinstance(condition, AnyCondition):
-        out = compile_condition(condition.items[0], as_of)
-        for item in condition.items[1:]:
-            out = out | compile_condition(item, as_of)
-        return out
-    if isinstance(condition, NotCondition):
-        return ~compile_condition(condition.item, as_of)
-    if isinstance(condition, SqlCondition):
-        return F.coalesce(F.expr(condition.expression).cast("boolean"), F.lit(False))
-    if isinstance(condition, FeatureCondition):
-        value = F.col(condition.feature)
-        out = F.lit(True)
-        for comparison, arg in condition.tests:
-            out = out & _compare(value, comparison, arg)
-        return F.coalesce(out, F.lit(False))
-    if isinstance(condition, EventCondition):
-        count = F.col(condition.fact.name)
-        out = F.lit(True)
-        if condition.at_least is not None:
-            out = out & (count >= condition.at_least)
-        if condition.at_most is not None:
-            out = out & (count <= condition.at_most)
-        return F.coalesce(out, F.lit(False))
-    if isinstance(condition, LastCondition):
-        last = F.col(condition.fact.name)
-        if condition.never:
-            return last.isNull()
-        age_micros = F.unix_micros(as_of) - F.unix_micros(last)
-        if condition.within is not None:
-            out = age_micros <= int(condition.within.total_seconds() * 1e6)
-        else:
-            assert condition.older_than is not None
-            out = age_micros > int(condition.older_than.total_seconds() * 1e6)
-        return F.coalesce(out, F.lit(False))
-    raise TypeError(f"unknown condition {condition!r}")
-
-
-def _compare(value: Column, comparison: str, arg: Any) -> Column:
-    if comparison == "is_null":
-        return value.isNull() if arg else value.isNotNull()
-    if comparison == "between":
-        return value.between(arg[0], arg[1])
-    if comparison == "in":
-        return value.isin(list(arg))
-    if comparison == "not_in":
-        return ~value.isin(list(arg))
-    operators = {
-        "eq": value.__eq__,
-        "ne": value.__ne__,
-        "gt": value.__gt__,
-        "gte": value.__ge__,
-        "lt": value.__lt__,
-        "lte": value.__le__,
-    }
-    return operators[comparison](F.lit(arg))
-
-
-def segment_condition(catalog: SegmentCatalog, segment_id: str, as_of: Column) -> Column:
-    """A segment's own conditions and its ancestors' (a child refines its parent)."""
-    out = F.lit(True)
-    for segment in catalog.chain(segment_id):
-        out = out & compile_condition(segment.condition, as_of)
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# facts from events (batch)
-
-
-def _type_match(types: tuple[str, ...] | None) -> Column:
-    return F.lit(True) if types is None else F.col("event_type").isin(list(types))
-
-
-def _window_match(within: timedelta | None, as_of: datetime) -> Column:
-    return F.lit(True) if within is None else F.col("event_time") >= F.lit(as_of - within)
-
-
-def compute_facts(
-    keyed_events_df: DataFrame,
-    facts: list[Fact],
-    *,
-    as_of: datetime,
-    inactivity_timeout: timedelta,
-    max_session_length: timedelta,
-) -> DataFrame | None:
-    """Per user_key, one column per fact, from events strictly before as_of (already keyed
-    and filtered by features.keyed_events_before). None when there are no facts."""
-    if not facts:
-        return None
-    events_df = keyed_events_df.filter(F.col("user_key").isNotNull())
-    simple = [f for f in facts if isinstance(f, LastTime) or (f.streamable and not f.since_last)]
-    anchored = [f for f in facts if isinstance(f, EventCount) and f.since_last]
-    grouped = [f for f in facts if isinstance(f, EventCount) and not f.streamable]
-    parts: list[DataFrame] = []
-    aggs = []
-    for fact in simple:
-        if isinstance(fact, LastTime):
-            aggs.append(
-                F.max(F.when(_type_match(fact.types), F.col("event_time"))).alias(fact.name)
-            )
-        else:
-            inside = _type_match(fact.types) & _window_match(fact.within, as_of)
-            aggs.append(F.count(F.when(inside, 1)).alias(fact.name))
-    anchors = {f"_anchor_{_digest(repr(f.since_last))[:12]}": f.since_last for f in anchored}
-    for name, types in anchors.items():
-        aggs.append(F.max(F.when(_type_match(types), F.col("event_time"))).alias(name))
-    if aggs:
-        parts.append(events_df.groupBy("user_key").agg(*aggs))
-    if anchored:
-        anchor_df = parts[0].select("user_key", *anchors)
-        joined_df = events_df.join(anchor_df, on="user_key")
-        counts = []
-        for fact in anchored:
-            anchor = F.col(f"_anchor_{_digest(repr(fact.since_last))[:12]}")
-            inside = (
-                _type_match(fact.types)
-                & _window_match(fact.within, as_of)
-                & (F.col("event_time") > anchor)
-            )
-            # null when the user never had the anchor event: the condition is then false
-            counts.append(
-                F.when(F.max(anchor).isNotNull(), F.count(F.when(inside, 1))).alias(fact.name)
-            )
-        parts.append(joined_df.groupBy("user_key").agg(*counts))
-    if grouped:
-        parts.append(
-            _grouped_counts(events_df, grouped, as_of, inactivity_timeout, max_session_length)
-        )
-    result = parts[0].drop(*anchors)
-    for part in parts[1:]:
-        result = result.join(part, on="user_key", how="full")
-    return result
-
-
-def _grouped_counts(
-    events_df: DataFrame,
-    facts: list[EventCount],
-    as_of: datetime,
-    inactivity_timeout: timedelta,
-    max_session_length: timedelta,
-) -> DataFrame:
-    """Largest count of one product / category / session per user, per fact."""
-    from microseg.silver.sessions import label_sessions
-
-    if any(f.in_one_session for f in facts):
-        events_df = label_sessions(
-            events_df, inactivity_timeout=inactivity_timeout, max_session_length=max_session_length
-        )
-    out = None
-    for fact in facts:
-        keys = ["user_key"]
-        if fact.in_one_session:
-            keys += ["_visit", "_piece"]
-        selected = events_df.filter(_type_match(fact.types) & _window_match(fact.within, as_of))
-        if fact.per is not None:
-            keys.append(PER[fact.per])
-            selected = selected.filter(F.col(PER[fact.per]).isNotNull())
-        part = (
-            selected.groupBy(*keys).count().groupBy("user_key").agg(F.max("count").alias(fact.name))
-        )
-        out = part if out is None else out.join(part, on="user_key", how="full")
-    assert out is not None
-    return out
-
-
-def with_facts(features_df: DataFrame, facts_df: DataFrame | None, facts: list[Fact]) -> DataFrame:
-    """Features joined with the facts; users without events in a count get 0."""
-    if facts_df is None:
-        return features_df
-    joined = features_df.join(facts_df, on="user_key", how="left")
-    for fact in facts:
-        if isinstance(fact, EventCount) and not fact.since_last:
-            joined = joined.withColumn(fact.name, F.coalesce(F.col(fact.name), F.lit(0)))
-    return joined
-
-
-def exclusive_winners(segments, flag_of) -> dict[str, Column]:
-    """Per exclusive group of `segments`, the Column naming the matching member with the best
-    priority (1 beats 2), or null; flag_of(segment_id) is the name of its boolean column."""
-    groups: dict[str, list[Segment]] = {}
-    for segment in segments:
-        if segment.exclusive_group is not None:
-            groups.setdefault(segment.exclusive_group, []).append(segment)
-    winners: dict[str, Column] = {}
-    for group, members in groups.items():
-        winner = F.lit(None).cast("string")
-        for segment in sorted(members, key=lambda s: s.priority or 0, reverse=True):
-            winner = F.when(F.col(flag_of(segment.id)), F.lit(segment.id)).otherwise(winner)
-        winners[group] = winner
-    return winners
