@@ -19,6 +19,7 @@ from pyspark.sql import functions as F
 from tests.conftest import make_config
 
 from microseg.core.spark import build_spark
+from microseg.segments import membership
 from microseg.streaming import query as streaming
 
 STREAM_SETTINGS = (
@@ -33,15 +34,15 @@ def main() -> None:
     cfg = make_config(Path(tmp_path), *STREAM_SETTINGS)
     spark = build_spark(cfg.spark, app_name="microseg-stream-child")
     threshold = datetime.fromisoformat(pause_from)
-    merge_intervals = streaming.merge_intervals
+    merge_intervals = membership.merge_intervals
 
-    def pausing_merge(spark, root, transitions_df, *, run_id):
-        if transitions_df.filter(F.col("as_of") >= F.lit(threshold)).limit(1).count():
+    def pausing_merge(spark, root, scope, diff, *, run_id):
+        if diff.changes.filter(F.col("changed_at") >= F.lit(threshold)).limit(1).count():
             Path(marker).write_text(run_id)
             time.sleep(3600)  # the test kills the process here
-        merge_intervals(spark, root, transitions_df, run_id=run_id)
+        merge_intervals(spark, root, scope, diff, run_id=run_id)
 
-    streaming.merge_intervals = pausing_merge
+    membership.merge_intervals = pausing_merge
     streaming.run_stream(spark, cfg, path=segments_file)
 
 

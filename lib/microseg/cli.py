@@ -64,6 +64,7 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> int:
             path=args.path,
             fmt=args.format,
             reprocess=args.reprocess,
+            run_id=run.run_id,
         )
         run.read("input records", report.records)
     print_ingest_report(report)
@@ -116,7 +117,7 @@ def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
 
     spark = _spark(cfg, "sessionize")
     with recorded(spark, cfg, job="sessionize") as run:
-        report = run_sessionize(spark, cfg, full=args.full)
+        report = run_sessionize(spark, cfg, full=args.full, run_id=run.run_id)
         run.read("bronze/events", report.new_events)
     print_sessionize_report(report)
     return 0
@@ -149,8 +150,8 @@ def _features(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.serving.console import print_features_report
 
     spark = _spark(cfg, "features")
-    with recorded(spark, cfg, job="features", as_of=args.as_of):
-        result = run_features(spark, cfg, as_of=args.as_of)
+    with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
+        result = run_features(spark, cfg, as_of=args.as_of, run_id=run.run_id)
     print_features_report(spark, cfg, result)
     return 0
 
@@ -202,8 +203,8 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     from microseg.core.runs import recorded
 
-    with recorded(spark, cfg, job="segments run", as_of=args.as_of):
-        result = run_segments(spark, cfg, as_of=args.as_of, path=args.file)
+    with recorded(spark, cfg, job="segments run", as_of=args.as_of) as run:
+        result = run_segments(spark, cfg, as_of=args.as_of, path=args.file, run_id=run.run_id)
     report.print_segments_report(result)
     return 0
 
@@ -327,8 +328,9 @@ def _stream(cfg: Config, args: argparse.Namespace) -> int:
     spark = build_spark(
         cfg.spark, app_name=f"{cfg.spark.app_name}-stream", kafka=cfg.stream.source == "kafka"
     )
-    with recorded(spark, cfg, job="stream"):
+    with recorded(spark, cfg, job="stream") as run:
         report = streaming.run_stream(
+            run_id=run.run_id,
             spark,
             cfg,
             available_now=args.available_now,

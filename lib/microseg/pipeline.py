@@ -70,7 +70,14 @@ def _ingest(spark, cfg, as_of):
     added, files, details = 0, 0, []
     for item in cfg.pipeline.inputs:
         with recorded(spark, cfg, job="ingest") as run:
-            report = run_ingest(spark, cfg, source=item.source, path=item.path, fmt=item.format)
+            report = run_ingest(
+                spark,
+                cfg,
+                source=item.source,
+                path=item.path,
+                fmt=item.format,
+                run_id=run.run_id,
+            )
             run.read("input records", report.records)
         added += report.events_added
         files += len(report.files)
@@ -82,7 +89,7 @@ def _sessionize(spark, cfg, as_of):
     from microseg.silver.sessions import run_sessionize
 
     with recorded(spark, cfg, job="sessionize") as run:
-        report = run_sessionize(spark, cfg)
+        report = run_sessionize(spark, cfg, run_id=run.run_id)
         run.read("bronze/events", report.new_events)
     if report.mode == "nothing new":
         return "skipped", 0, "no events ingested since the last run"
@@ -102,8 +109,8 @@ def _features(spark, cfg, as_of):
 
     if _features_current(spark, cfg, as_of):
         return "skipped", None, "features as of T are newer than the latest ingested event"
-    with recorded(spark, cfg, job="features", as_of=as_of):
-        report = run_features(spark, cfg, as_of=as_of)
+    with recorded(spark, cfg, job="features", as_of=as_of) as run:
+        report = run_features(spark, cfg, as_of=as_of, run_id=run.run_id)
     return "done", report.users, f"{report.features} features"
 
 
@@ -131,8 +138,8 @@ def _segments(spark, cfg, as_of):
 
     if _segments_current(spark, cfg, as_of):
         return "skipped", None, "segments as of T are up to date with features and definitions"
-    with recorded(spark, cfg, job="segments run", as_of=as_of):
-        report = run_segments(spark, cfg, as_of=as_of)
+    with recorded(spark, cfg, job="segments run", as_of=as_of) as run:
+        report = run_segments(spark, cfg, as_of=as_of, run_id=run.run_id)
     active = sum(1 for s in report.segments if s.status == "active")
     members = sum(s.size for s in report.segments)
     return "done", members, f"{active} of {len(report.segments)} segments published"

@@ -106,11 +106,19 @@ def conform(df: DataFrame, table: Table) -> DataFrame:
 
 
 def insert_new(
-    spark: SparkSession, root: str, table: Table, rows: DataFrame, keys: tuple[str, ...]
+    spark: SparkSession,
+    root: str,
+    table: Table,
+    rows: DataFrame,
+    keys: tuple[str, ...],
+    *,
+    where: str | None = None,
 ) -> None:
-    """Insert the rows whose key is not in the table yet (one atomic, idempotent commit)."""
+    """Insert the rows whose key is not in the table yet (one atomic, idempotent commit).
+    `where`: a condition on the target `t` that every matching row meets (a literal bound
+    lets Delta skip files)."""
     target = ensure_table(spark, root, table)
-    condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    condition = " AND ".join([*(f"t.`{k}` = s.`{k}`" for k in keys), *([where] if where else [])])
     (
         target.alias("t")
         .merge(conform(rows, table).alias("s"), condition)

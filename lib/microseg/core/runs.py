@@ -57,6 +57,12 @@ class RunRecord:
         self.rows_read[table] = self.rows_read.get(table, 0) + int(rows)
 
 
+def new_run_id() -> str:
+    """A fresh run id (32 hex digits): what recorded() gives a run, and what a library call
+    made outside recorded() writes under."""
+    return uuid.uuid4().hex
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -94,7 +100,7 @@ def recorded(
     """Run the body as one job run and append its row to ops/runs, also when it fails."""
     root = cfg.lake.root
     record = RunRecord(
-        run_id=uuid.uuid4().hex,
+        run_id=new_run_id(),
         job=job,
         as_of=as_of.astimezone(timezone.utc).replace(tzinfo=None)
         if as_of is not None and as_of.tzinfo

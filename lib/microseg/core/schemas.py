@@ -181,12 +181,20 @@ USER_FEATURES_KEYS = T.StructType(
     ]
 )
 
+SCOPE_COMMENT = "What the run covers: rule file name, cluster model name or propensity target"
+
 # gold/segment_membership: history of who was in which segment when (one row per interval).
 SEGMENT_MEMBERSHIP = T.StructType(
     [
         _field("user_key", STRING, False, "User key (see silver/sessions)"),
         _field("segment_id", STRING, False, "Segment id (conf/segments.yaml, cluster or model)"),
         _field("source", STRING, False, "What assigned it: rule, cluster, propensity or stream"),
+        _field(
+            "scope",
+            STRING,
+            False,
+            "The rule file, cluster model or propensity target whose run wrote it",
+        ),
         _field("definition_version", STRING, False, "Hash of the segment definition or model"),
         _field("score", T.DoubleType(), True, "Score at entry (cluster distance, propensity)"),
         _field("valid_from", TIMESTAMP, False, "as-of time of the run the user entered"),
@@ -203,6 +211,12 @@ SEGMENT_CHANGES = T.StructType(
         _field("user_key", STRING, False, "User key"),
         _field("segment_id", STRING, False, "Segment id"),
         _field("source", STRING, False, "rule, cluster, propensity or stream"),
+        _field(
+            "scope",
+            STRING,
+            False,
+            "The rule file, cluster model or propensity target whose run wrote it",
+        ),
         _field("change", STRING, False, "enter or exit"),
         _field(
             "reason",
@@ -224,6 +238,12 @@ SEGMENT_CATALOG = T.StructType(
     [
         _field("as_of", TIMESTAMP, False, "as-of time of the run"),
         _field("source", STRING, False, "rule, cluster or propensity"),
+        _field(
+            "scope",
+            STRING,
+            False,
+            "The rule file, cluster model or propensity target whose run wrote it",
+        ),
         _field("segment_id", STRING, False, "Segment id"),
         _field("name", STRING, False, "Readable name"),
         _field("description", STRING, True, "What it is for"),

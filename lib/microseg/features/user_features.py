@@ -15,7 +15,6 @@ over per-user aggregates. `features.include` in config selects them (default: al
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -25,6 +24,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config, ConfigError
+from microseg.core.runs import new_run_id
 from microseg.silver.sessions import identity_map, sessionize, with_user_key
 
 WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "90d": 90, "lifetime": None}
@@ -348,14 +348,16 @@ class FeaturesReport:
     features: int
 
 
-def run_features(spark: SparkSession, cfg: Config, *, as_of: datetime) -> FeaturesReport:
+def run_features(
+    spark: SparkSession, cfg: Config, *, as_of: datetime, run_id: str | None = None
+) -> FeaturesReport:
     """Compute features as of `as_of` and replace that as-of's rows in gold/user_features."""
     root = cfg.lake.root
     if not lake.table_exists(spark, root, lake.EVENTS):
         raise FileNotFoundError(f"no bronze/events table under {root}: run `microseg ingest` first")
     as_of = as_of.astimezone(timezone.utc).replace(tzinfo=None) if as_of.tzinfo else as_of
     features = select_features(cfg.features.include)
-    run_id = uuid.uuid4().hex
+    run_id = run_id or new_run_id()
     keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of).persist()
     features_df = (
         compute_features(

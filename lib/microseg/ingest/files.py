@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from microseg.core import lake
 from microseg.core.config import Config, ConfigError
 from microseg.core.failpoints import failpoint
 from microseg.core.privacy import keyed_hash
+from microseg.core.runs import new_run_id
 from microseg.core.schemas import EVENT_FIELDS, MAPPABLE_FIELDS, USER_KEY_FIELDS
 from microseg.ingest.sources import (
     InputFile,
@@ -521,6 +521,7 @@ def run_ingest(
     fmt: str | None = None,
     reprocess: bool = False,
     now: datetime | None = None,
+    run_id: str | None = None,
 ) -> IngestReport:
     """Ingest the files at `path` (file, folder or glob) through source mapping `source`.
 
@@ -530,7 +531,7 @@ def run_ingest(
     mapping = load_source(cfg.ingest.sources_dir, source)
     clock = now or datetime.now(timezone.utc)
     started = clock.replace(microsecond=clock.microsecond // 1000 * 1000)
-    report = IngestReport(run_id=uuid.uuid4().hex, source=source, started_at=started)
+    report = IngestReport(run_id=run_id or new_run_id(), source=source, started_at=started)
     root = cfg.lake.root
 
     files = list_input_files(spark, path)

@@ -18,8 +18,6 @@ and overlap.
 
 from __future__ import annotations
 
-import json
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,13 +27,15 @@ from pyspark.sql import types as T
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.features.user_features import keyed_events_before
 from microseg.segments import membership
+from microseg.segments.catalog import CatalogRow, write_catalog
 from microseg.segments.compile import exclusive_winners, segment_condition
 from microseg.segments.facts import compute_facts, with_facts
+from microseg.segments.membership import Scope
 from microseg.segments.model import (
-    Segment,
     SegmentCatalog,
     SegmentFileError,
     sql_conditions,
@@ -227,15 +227,22 @@ def _naive_utc(value: datetime) -> datetime:
 
 
 def run_segments(
-    spark: SparkSession, cfg: Config, *, as_of: datetime, path: str | None = None
+    spark: SparkSession,
+    cfg: Config,
+    *,
+    as_of: datetime,
+    path: str | None = None,
+    run_id: str | None = None,
 ) -> SegmentsReport:
-    """Evaluate every rule segment as of `as_of` and publish the members."""
+    """Evaluate every rule segment of the file as of `as_of` and publish the members (scope:
+    source rule, the file's name). `run_id`: the ops/runs row this run writes under."""
     root = cfg.lake.root
     as_of = _naive_utc(as_of)
+    run_id = run_id or new_run_id()
     catalog = load_segments(cfg, path)
+    scope = Scope(SOURCE, catalog.name)
     features_df = snapshots.snapshot(spark, root, as_of)
     check_sql(catalog, features_df)
-    run_id = uuid.uuid4().hex
     facts = catalog.facts()
     facts_df = None
     if facts:
@@ -249,122 +256,114 @@ def run_segments(
         )
     frame_df = with_facts(features_df, facts_df, facts)
     flags_df = evaluate(catalog, frame_df, as_of).persist()
-    counts = flags_df.agg(
-        F.count(F.lit(1)).alias("_users"),
-        *[F.count(F.when(F.col(_flag(s.id)), 1)).alias(s.id) for s in catalog.segments],
-    ).first()
-    users = counts["_users"]
-    matched = {s.id: counts[s.id] for s in catalog.segments}
-    statuses = guard(catalog, matched, users)
-    versions = {s.id: catalog.version(s.id) for s in catalog.segments}
-    members_df = assign(catalog, flags_df, statuses)
-    stats = membership.write_membership(
-        spark,
-        root,
-        source=SOURCE,
+    try:
+        counts = flags_df.agg(
+            F.count(F.lit(1)).alias("_users"),
+            *[F.count(F.when(F.col(_flag(s.id)), 1)).alias(s.id) for s in catalog.segments],
+        ).first()
+        users = counts["_users"]
+        matched = {s.id: counts[s.id] for s in catalog.segments}
+        statuses = guard(catalog, matched, users)
+        members_df = assign(catalog, flags_df, statuses)
+        stats = membership.write_membership(
+            spark,
+            root,
+            scope=scope,
+            as_of=as_of,
+            run_id=run_id,
+            members_df=members_df,
+            versions={
+                s.id: catalog.version(s.id)
+                for s in catalog.segments
+                if statuses[s.id][0] == "active"
+            },
+            # unpublished segments: those who still match are held back, the others left
+            exit_reasons={
+                sid: "no_longer_matched" for sid, (st, _) in statuses.items() if st != "active"
+            },
+            held_df=held_back(catalog, flags_df, members_df, statuses),
+        )
+    finally:
+        flags_df.unpersist()
+    rows = catalog_rows(
+        catalog,
+        scope,
+        matched,
+        statuses,
+        stats,
+        membership.overlap(spark, root, as_of=as_of),
         as_of=as_of,
         run_id=run_id,
-        members_df=members_df,
-        versions={sid: v for sid, v in versions.items() if statuses[sid][0] == "active"},
-        # unpublished segments: those who still match are held back, the others left
-        exit_reasons={
-            sid: "no_longer_matched" for sid, (st, _) in statuses.items() if st != "active"
-        },
-        held_df=held_back(catalog, flags_df, members_df, statuses),
     )
-    flags_df.unpersist()
-    overlaps = membership.overlap(spark, root, as_of=as_of)
-    results = []
-    for segment in catalog.segments:
-        status, reason = statuses[segment.id]
-        stat = stats.get(segment.id)
-        results.append(
-            SegmentResult(
-                segment_id=segment.id,
-                name=segment.name,
-                version=versions[segment.id],
-                matched=matched[segment.id],
-                size=stat.size if stat else 0,
-                status=status,
-                status_reason=reason,
-                previous_size=stat.previous_size if stat else None,
-                entered=stat.entered if stat else 0,
-                exited=stat.exited if stat else 0,
-                stability=stat.stability if stat else None,
-            )
+    write_catalog(spark, root, rows)
+    results = [
+        SegmentResult(
+            segment_id=r.segment_id,
+            name=r.name,
+            version=r.definition_version,
+            matched=r.matched,
+            size=r.size,
+            status=r.status,
+            status_reason=r.status_reason,
+            previous_size=r.previous_size,
+            entered=r.entered,
+            exited=r.exited,
+            stability=r.stability,
         )
-    for segment_id, stat in stats.items():
-        if segment_id not in versions:
-            results.append(
-                SegmentResult(
-                    segment_id=segment_id,
-                    name=segment_id,
-                    version="",
-                    matched=0,
-                    size=stat.size,
-                    status="retired",
-                    status_reason=f"no longer in {catalog.path}",
-                    previous_size=stat.previous_size,
-                    entered=stat.entered,
-                    exited=stat.exited,
-                    stability=stat.stability,
-                )
-            )
-    _write_catalog(spark, root, catalog, results, overlaps, as_of=as_of, run_id=run_id)
+        for r in rows
+    ]
     return SegmentsReport(run_id=run_id, as_of=as_of, users=users, segments=results)
 
 
-def _write_catalog(
-    spark: SparkSession,
-    root: str,
+def catalog_rows(
     catalog: SegmentCatalog,
-    results: list[SegmentResult],
+    scope: Scope,
+    matched: dict[str, int],
+    statuses: dict[str, tuple[str, str | None]],
+    stats: dict[str, membership.SegmentStats],
     overlaps: dict[str, dict[str, float]],
     *,
     as_of: datetime,
     run_id: str,
-) -> None:
-    rows = []
-    for result in results:
-        try:
-            segment: Segment | None = catalog[result.segment_id]
-        except KeyError:
-            segment = None
-        rows.append(
-            {
-                "as_of": as_of,
-                "source": SOURCE,
-                "segment_id": result.segment_id,
-                "name": result.name,
-                "description": segment.description if segment else None,
-                "tags": list(segment.tags) if segment else [],
-                "definition": json.dumps(segment.definition if segment else {}, sort_keys=True),
-                "definition_version": result.version,
-                "parent": segment.parent if segment else None,
-                "exclusive_group": segment.exclusive_group if segment else None,
-                "priority": segment.priority if segment else None,
-                "min_size": str(segment.min_size) if segment and segment.min_size else None,
-                "matched": result.matched,
-                "size": result.size,
-                "status": result.status,
-                "status_reason": result.status_reason,
-                "previous_size": result.previous_size,
-                "entered": result.entered,
-                "exited": result.exited,
-                "stability": result.stability,
-                "overlap": overlaps.get(result.segment_id) if result.size else None,
-                "run_id": run_id,
-                "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
-            }
+) -> list[CatalogRow]:
+    """One row per segment of the file, then one per segment of the scope that left it
+    (status retired)."""
+    common = {"as_of": as_of, "run_id": run_id, "overlaps": overlaps}
+    rows = [
+        CatalogRow.of(
+            scope,
+            s.id,
+            stats.get(s.id),
+            definition=s.definition,
+            name=s.name,
+            description=s.description,
+            tags=s.tags,
+            definition_version=catalog.version(s.id),
+            parent=s.parent,
+            exclusive_group=s.exclusive_group,
+            priority=s.priority,
+            min_size=str(s.min_size) if s.min_size else None,
+            matched=matched[s.id],
+            status=statuses[s.id][0],
+            status_reason=statuses[s.id][1],
+            **common,
         )
-    membership.write_catalog(spark, root, rows)
-
-
-def catalog_history(spark: SparkSession, root: str, segment_id: str) -> DataFrame | None:
-    if not lake.table_exists(spark, root, lake.SEGMENT_CATALOG):
-        return None
-    return (
-        lake.read_table(spark, root, lake.SEGMENT_CATALOG)
-        .filter(F.col("segment_id") == segment_id)
-        .orderBy(F.desc("as_of"))
-    )
+        for s in catalog.segments
+    ]
+    rows += [
+        CatalogRow.of(
+            scope,
+            segment_id,
+            stat,
+            definition={},
+            name=segment_id,
+            definition_version="",
+            matched=0,
+            status="retired",
+            status_reason=f"no longer in {catalog.path}",
+            **common,
+        )
+        for segment_id, stat in stats.items()
+        if segment_id not in matched
+    ]
+    return rows

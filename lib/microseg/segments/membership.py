@@ -1,18 +1,24 @@
-"""Versioned segment membership: the writer every segment source uses, and the queries.
+"""Versioned segment membership: the one writer every segment source uses, and the queries.
 
 gold/segment_membership holds one row per user, segment and validity interval
-[valid_from, valid_to): a run as of T for one source (rule, cluster, propensity) compares the
-members it computed with the members valid at T and, in one MERGE, closes the intervals of
-users who left (valid_to = T) and opens intervals for users who entered (valid_from = T).
-Users who stay are left alone; when a segment's definition version changes, the members who
-stay get a new interval under the new version (and no change row). Before that MERGE, the
-enters and exits go to gold/segment_changes with insert-only MERGE, so a run that fails
-between the two commits is completed by running it again, and re-running an as-of that
-already ran finds nothing to change.
+[valid_from, valid_to). Membership is kept per *scope*: a source (rule, cluster, propensity,
+stream) and what one of its runs covers (the rule file, the cluster model name, the
+propensity target). A run of one scope never touches another scope's rows.
 
-Runs of one source move forward in time: a run as of a time earlier than the latest one
-already written is refused if it would change anything (re-running an as-of that already ran
-is a no-op).
+Writing is two steps:
+* `membership_diff` (pure DataFrames): the intervals of a scope valid at T and the members a
+  batch run computed as of T give the intervals to close, the intervals to open and the
+  enter / exit change rows. Users who stay are left alone; when a segment's definition
+  version changes, the members who stay get a new interval under the new version (and no
+  change row). The stream derives the same three frames from its event-time transitions.
+* `apply_diff`: the change rows go to gold/segment_changes (insert-only, keyed, so a replay
+  adds nothing), then one MERGE closes and opens the intervals (an open is keyed on its
+  valid_from and version, so a replay inserts nothing). A run that fails between the two
+  commits is completed by running it again.
+
+Batch runs of one scope move forward in time: a run as of a time earlier than the latest one
+already written for the scope is refused if it would change anything (re-running an as-of
+that already ran is a no-op).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
@@ -34,6 +40,24 @@ REASONS = (
     "segment_retired",
     "outranked_in_exclusive_group",
 )
+CHANGE_KEYS = ("user_key", "segment_id", "source", "scope", "changed_at", "change")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one run's membership covers: `source` (rule, cluster, propensity, stream) and
+    `name` (the rule file's name, the cluster model name, the propensity target)."""
+
+    source: str
+    name: str
+
+    def rows(self) -> Column:
+        """Rows of gold/segment_membership, segment_changes or segment_catalog in the scope."""
+        return (F.col("source") == self.source) & (F.col("scope") == self.name)
+
+    @property
+    def enter_reason(self) -> str:
+        return "rule_matched" if self.source in ("rule", "stream") else f"{self.source}_assigned"
 
 
 @dataclass(frozen=True)
@@ -51,18 +75,237 @@ class SegmentStats:
         return (self.previous_size - self.exited) / self.previous_size
 
 
-def valid_at(at: datetime) -> F.Column:
+@dataclass(frozen=True)
+class MembershipDiff:
+    """closes: user_key, segment_id, valid_to (the end of the pair's open interval).
+    opens: user_key, segment_id, definition_version, score, valid_from, valid_to (null while
+    open). changes: user_key, segment_id, change, reason, changed_at, definition_version."""
+
+    closes: DataFrame
+    opens: DataFrame
+    changes: DataFrame
+
+    def persist(self) -> MembershipDiff:
+        return MembershipDiff(self.closes.persist(), self.opens.persist(), self.changes.persist())
+
+    def unpersist(self) -> None:
+        for df in (self.closes, self.opens, self.changes):
+            df.unpersist()
+
+    def is_empty(self) -> bool:
+        return all(df.limit(1).count() == 0 for df in (self.closes, self.opens, self.changes))
+
+
+def valid_at(at: datetime) -> Column:
     """Membership rows valid at `at`: valid_from <= at < valid_to (or still open)."""
     return (F.col("valid_from") <= F.lit(at)) & (
         F.col("valid_to").isNull() | (F.col("valid_to") > F.lit(at))
     )
 
 
+def _by_segment(mapping: dict[str, str], otherwise: Column) -> Column:
+    out = otherwise
+    for segment_id, value in sorted(mapping.items()):
+        out = F.when(F.col("segment_id") == segment_id, F.lit(value)).otherwise(out)
+    return out
+
+
+def membership_diff(
+    previous_df: DataFrame,
+    members_df: DataFrame,
+    *,
+    as_of: datetime,
+    versions: dict[str, str],
+    enter_reason: str = "rule_matched",
+    exit_reasons: dict[str, str] | None = None,
+    held_df: DataFrame | None = None,
+) -> MembershipDiff:
+    """What a batch run as of `as_of` changes in one scope.
+
+    previous_df: the scope's intervals valid at as_of (user_key, segment_id,
+    definition_version). members_df: user_key, segment_id, score (double, may be null),
+    fallback (boolean: entered because a child segment was not published). versions:
+    segment_id -> definition version of every segment the scope publishes now; members of
+    any other segment exit (segment_retired). An enter's reason: definition_changed when the
+    segment's version changed, parent_fallback for a fallback, else `enter_reason`. An exit's
+    reason, in this order: the reason in held_df (user_key, segment_id, reason: users who
+    still qualify but are held back, e.g. below_minimum_size), exit_reasons[segment_id],
+    definition_changed, segment_retired, no_longer_matched."""
+    spark = members_df.sparkSession
+    pair = ["user_key", "segment_id"]
+    interval = [*pair, "definition_version"]
+    version_df = F.broadcast(
+        spark.createDataFrame(
+            sorted(versions.items()), "segment_id string, definition_version string"
+        )
+    )
+    desired_df = members_df.join(version_df, on="segment_id")
+    # segments whose version changed, and segments no longer published, as flags per segment
+    segment_df = (
+        previous_df.select("segment_id", F.col("definition_version").alias("_before"))
+        .distinct()
+        .join(version_df, on="segment_id", how="left")
+        .groupBy("segment_id")
+        .agg(
+            F.max(F.col("definition_version").isNull()).alias("_retired"),
+            F.max(F.col("_before") != F.col("definition_version")).alias("_changed"),
+        )
+    )
+    entered_df = desired_df.join(previous_df.select(*pair), on=pair, how="left_anti").join(
+        segment_df, on="segment_id", how="left"
+    )
+    exited_df = previous_df.join(desired_df.select(*pair), on=pair, how="left_anti").join(
+        segment_df, on="segment_id", how="left"
+    )
+    held = F.lit(None).cast("string")
+    if held_df is not None:
+        exited_df = exited_df.join(
+            held_df.select(*pair, F.col("reason").alias("_held")), on=pair, how="left"
+        )
+        held = F.col("_held")
+    enter = (
+        F.when(F.coalesce(F.col("_changed"), F.lit(False)), "definition_changed")
+        .when(F.col("fallback"), "parent_fallback")
+        .otherwise(enter_reason)
+    )
+    explicit = _by_segment(exit_reasons or {}, F.lit(None).cast("string"))
+    exit_ = F.coalesce(
+        held,
+        explicit,
+        F.when(F.col("_retired"), "segment_retired").when(F.col("_changed"), "definition_changed"),
+        F.lit("no_longer_matched"),
+    )
+    at = F.lit(as_of).cast("timestamp")
+
+    def change_rows(df: DataFrame, change: str, reason: Column) -> DataFrame:
+        return df.select(
+            *pair,
+            F.lit(change).alias("change"),
+            reason.alias("reason"),
+            at.alias("changed_at"),
+            "definition_version",
+        )
+
+    return MembershipDiff(
+        closes=previous_df.join(desired_df.select(*interval), on=interval, how="left_anti").select(
+            *pair, at.alias("valid_to")
+        ),
+        opens=desired_df.join(previous_df.select(*interval), on=interval, how="left_anti").select(
+            *interval,
+            F.col("score").cast("double").alias("score"),
+            at.alias("valid_from"),
+            F.lit(None).cast("timestamp").alias("valid_to"),
+        ),
+        changes=change_rows(entered_df, "enter", enter).unionByName(
+            change_rows(exited_df, "exit", exit_)
+        ),
+    )
+
+
+def apply_diff(
+    spark: SparkSession,
+    root: str,
+    scope: Scope,
+    diff: MembershipDiff,
+    *,
+    run_id: str,
+    since: datetime | None = None,
+) -> None:
+    """Write a diff of `scope`: the change rows, then the intervals (two commits).
+    Idempotent: applying the same diff again changes nothing, also after a crash between
+    the commits. `since`: a lower bound of the diff's times, which lets Delta skip older
+    files of gold/segment_changes."""
+    insert_changes(spark, root, scope, diff.changes, run_id=run_id, since=since)
+    merge_intervals(spark, root, scope, diff, run_id=run_id)
+
+
+def insert_changes(
+    spark: SparkSession,
+    root: str,
+    scope: Scope,
+    changes_df: DataFrame,
+    *,
+    run_id: str,
+    since: datetime | None = None,
+) -> None:
+    """Insert the change rows whose key (CHANGE_KEYS) is not in gold/segment_changes yet."""
+    rows_df = changes_df.select(
+        "*",
+        F.lit(scope.source).alias("source"),
+        F.lit(scope.name).alias("scope"),
+        F.lit(run_id).alias("run_id"),
+        F.current_timestamp().alias("recorded_at"),
+    )
+    bound = None if since is None else f"t.changed_at >= TIMESTAMP '{since.isoformat(sep=' ')}'"
+    lake.insert_new(spark, root, lake.SEGMENT_CHANGES, rows_df, CHANGE_KEYS, where=bound)
+
+
+def merge_intervals(
+    spark: SparkSession, root: str, scope: Scope, diff: MembershipDiff, *, run_id: str
+) -> None:
+    """One MERGE: each close ends the pair's open interval that began at or before it; each
+    open inserts an interval unless one with its valid_from and version is there already."""
+    actions_df = diff.closes.select(
+        "user_key",
+        "segment_id",
+        F.lit("close").alias("_action"),
+        F.lit(None).cast("string").alias("definition_version"),
+        F.lit(None).cast("double").alias("score"),
+        F.lit(None).cast("timestamp").alias("valid_from"),
+        "valid_to",
+    ).unionByName(diff.opens.select("*", F.lit("open").alias("_action")))
+    (
+        lake.ensure_table(spark, root, lake.SEGMENT_MEMBERSHIP)
+        .alias("t")
+        .merge(
+            actions_df.alias("s"),
+            f"t.source = '{scope.source}' AND t.scope = '{scope.name}' "
+            "AND t.user_key = s.user_key AND t.segment_id = s.segment_id AND ("
+            "(s._action = 'close' AND t.is_current AND t.valid_from <= s.valid_to) OR "
+            "(s._action = 'open' AND t.valid_from = s.valid_from "
+            "AND t.definition_version = s.definition_version))",
+        )
+        .whenMatchedUpdate(
+            condition="s._action = 'close'",
+            set={
+                "valid_to": "s.valid_to",
+                "is_current": F.lit(False),
+                "closed_by_run_id": F.lit(run_id),
+            },
+        )
+        .whenNotMatchedInsert(
+            condition="s._action = 'open'",
+            values={
+                "user_key": "s.user_key",
+                "segment_id": "s.segment_id",
+                "source": F.lit(scope.source),
+                "scope": F.lit(scope.name),
+                "definition_version": "s.definition_version",
+                "score": "s.score",
+                "valid_from": "s.valid_from",
+                "valid_to": "s.valid_to",
+                "is_current": F.col("s.valid_to").isNull(),
+                "run_id": F.lit(run_id),
+                "closed_by_run_id": F.when(
+                    F.col("s.valid_to").isNotNull(), F.lit(run_id)
+                ).otherwise(F.lit(None).cast("string")),
+            },
+        )
+        .execute()
+    )
+
+
+def scope_history(spark: SparkSession, root: str, scope: Scope) -> DataFrame:
+    """Every interval of the scope (an empty table is created when there is none)."""
+    lake.ensure_table(spark, root, lake.SEGMENT_MEMBERSHIP)
+    return lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP).filter(scope.rows())
+
+
 def write_membership(
     spark: SparkSession,
     root: str,
     *,
-    source: str,
+    scope: Scope,
     as_of: datetime,
     run_id: str,
     members_df: DataFrame,
@@ -70,158 +313,45 @@ def write_membership(
     exit_reasons: dict[str, str] | None = None,
     held_df: DataFrame | None = None,
 ) -> dict[str, SegmentStats]:
-    """Record the members of every segment of `source` as of `as_of`.
-
-    members_df: user_key, segment_id, score (double, may be null), fallback (boolean: entered
-    because a child segment was not published). versions: segment_id -> definition version
-    for every segment the source publishes now; current members of any other segment of the
-    source exit with reason segment_retired. The reason of an exit is, in this order: the
-    reason in held_df (user_key, segment_id, reason: users who still qualify but are held
-    back, e.g. below_minimum_size), exit_reasons[segment_id], definition_changed when the
-    segment's version changed, no_longer_matched.
-    """
-    exit_reasons = dict(exit_reasons or {})
-    membership = lake.ensure_table(spark, root, lake.SEGMENT_MEMBERSHIP)
-    history_df = lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP).filter(
-        F.col("source") == source
-    )
-    latest = history_df.agg(
-        F.greatest(F.max("valid_from"), F.max("valid_to")).alias("latest")
-    ).first()["latest"]
-    state_df = history_df.filter(valid_at(as_of)).persist()
-    version_df = spark.createDataFrame(
-        list(versions.items()) or [("", "")], "segment_id string, definition_version string"
-    ).filter(F.col("segment_id") != "")
-    desired_df = members_df.join(F.broadcast(version_df), on="segment_id").persist()
-
-    previous_versions = {
-        (r.segment_id, r.definition_version)
-        for r in state_df.select("segment_id", "definition_version").distinct().collect()
-    }
-    changed = {
-        sid for sid, version in previous_versions if sid in versions and versions[sid] != version
-    }
-    retired = {sid for sid, _ in previous_versions if sid not in versions}
-    for sid in changed:
-        exit_reasons.setdefault(sid, "definition_changed")
-    for sid in retired:
-        exit_reasons.setdefault(sid, "segment_retired")
-
-    user_segment = ["user_key", "segment_id"]
-    interval = ["user_key", "segment_id", "definition_version"]
-    entered_df = desired_df.join(state_df.select(*user_segment), on=user_segment, how="left_anti")
-    exited_df = state_df.join(desired_df.select(*user_segment), on=user_segment, how="left_anti")
-    enter_reason = (
-        F.when(F.col("segment_id").isin(sorted(changed) or [""]), "definition_changed")
-        .when(F.col("fallback"), "parent_fallback")
-        .otherwise("rule_matched" if source == "rule" else f"{source}_assigned")
-    )
-    exit_reason = F.lit("no_longer_matched")
-    for sid, reason in sorted(exit_reasons.items()):
-        exit_reason = F.when(F.col("segment_id") == sid, reason).otherwise(exit_reason)
-    if held_df is not None:
-        exited_df = exited_df.join(
-            held_df.select(*user_segment, F.col("reason").alias("_held")),
-            on=user_segment,
-            how="left",
-        )
-        exit_reason = F.coalesce(F.col("_held"), exit_reason)
-    common = {
-        "source": F.lit(source),
-        "changed_at": F.lit(as_of),
-        "run_id": F.lit(run_id),
-        "recorded_at": F.current_timestamp(),
-    }
-    changes_df = entered_df.select(
-        *user_segment,
-        F.lit("enter").alias("change"),
-        enter_reason.alias("reason"),
-        "definition_version",
-        *[v.alias(k) for k, v in common.items()],
-    ).unionByName(
-        exited_df.select(
-            *user_segment,
-            F.lit("exit").alias("change"),
-            exit_reason.alias("reason"),
-            "definition_version",
-            *[v.alias(k) for k, v in common.items()],
-        )
-    )
-    changes_df = changes_df.persist()
-    opens_df = desired_df.join(state_df.select(*interval), on=interval, how="left_anti").select(
-        *interval, "score", F.lit("open").alias("_action")
-    )
-    closes_df = state_df.join(desired_df.select(*interval), on=interval, how="left_anti").select(
-        *interval, F.lit(None).cast("double").alias("score"), F.lit("close").alias("_action")
-    )
-    actions_df = opens_df.unionByName(closes_df).persist()
-    has_changes = changes_df.limit(1).count() > 0
-    has_actions = actions_df.limit(1).count() > 0
-    if latest is not None and latest > as_of and (has_changes or has_actions):
-        for df in (actions_df, changes_df, desired_df, state_df):
-            df.unpersist()
-        raise ValueError(
-            f"segment membership for source '{source}' already runs to {latest.isoformat()}; "
-            f"a run as of {as_of.isoformat()} would rewrite that history: runs must move "
-            "forward in time (re-running an earlier as-of is allowed only if nothing differs)"
-        )
-    if has_changes:
-        lake.insert_new(
-            spark,
-            root,
-            lake.SEGMENT_CHANGES,
-            changes_df,
-            ("user_key", "segment_id", "source", "changed_at", "change"),
-        )
-    else:
-        lake.ensure_table(spark, root, lake.SEGMENT_CHANGES)
-
-    if has_actions:
-        (
-            membership.alias("t")
-            .merge(
-                actions_df.alias("s"),
-                "s._action = 'close' AND t.is_current AND t.source = '"
-                + source
-                + "' AND t.user_key = s.user_key AND t.segment_id = s.segment_id "
-                "AND t.definition_version = s.definition_version",
-            )
-            .whenMatchedUpdate(
-                set={
-                    "valid_to": F.lit(as_of),
-                    "is_current": F.lit(False),
-                    "closed_by_run_id": F.lit(run_id),
-                }
-            )
-            .whenNotMatchedInsert(
-                condition="s._action = 'open'",
-                values={
-                    "user_key": "s.user_key",
-                    "segment_id": "s.segment_id",
-                    "source": F.lit(source),
-                    "definition_version": "s.definition_version",
-                    "score": "s.score",
-                    "valid_from": F.lit(as_of),
-                    "valid_to": F.lit(None).cast("timestamp"),
-                    "is_current": F.lit(True),
-                    "run_id": F.lit(run_id),
-                    "closed_by_run_id": F.lit(None).cast("string"),
-                },
-            )
-            .execute()
-        )
-    for df in (actions_df, changes_df, desired_df, state_df):
-        df.unpersist()
-    return segment_stats(spark, root, source=source, as_of=as_of)
+    """Record the members of every segment of `scope` as of `as_of` (see membership_diff for
+    the arguments) and return per segment its stats at as_of."""
+    history_df = scope_history(spark, root, scope)
+    diff = membership_diff(
+        history_df.filter(valid_at(as_of)),
+        members_df,
+        as_of=as_of,
+        versions=versions,
+        enter_reason=scope.enter_reason,
+        exit_reasons=exit_reasons,
+        held_df=held_df,
+    ).persist()
+    try:
+        if not diff.is_empty():
+            latest = history_df.agg(
+                F.greatest(F.max("valid_from"), F.max("valid_to")).alias("latest")
+            ).first()["latest"]
+            if latest is not None and latest > as_of:
+                raise ValueError(
+                    f"segment membership of {scope.source} '{scope.name}' already runs to "
+                    f"{latest.isoformat()}; a run as of {as_of.isoformat()} would rewrite that "
+                    "history: runs must move forward in time (re-running an earlier as-of is "
+                    "allowed only if nothing differs)"
+                )
+            apply_diff(spark, root, scope, diff, run_id=run_id, since=as_of)
+        else:
+            lake.ensure_table(spark, root, lake.SEGMENT_CHANGES)
+    finally:
+        diff.unpersist()
+    return segment_stats(spark, root, scope=scope, as_of=as_of)
 
 
-def segment_stats(spark: SparkSession, root: str, *, source: str, as_of: datetime) -> dict:
-    """Per segment of the source: size at as_of, size just before, entered and exited at it.
+def segment_stats(
+    spark: SparkSession, root: str, *, scope: Scope, as_of: datetime
+) -> dict[str, SegmentStats]:
+    """Per segment of the scope: size at as_of, size just before, entered and exited at it.
 
     Read back from the tables, so a re-run of the same as-of reports the same numbers."""
-    history_df = lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP).filter(
-        F.col("source") == source
-    )
+    history_df = scope_history(spark, root, scope)
     before = (F.col("valid_from") < F.lit(as_of)) & (
         F.col("valid_to").isNull() | (F.col("valid_to") >= F.lit(as_of))
     )
@@ -236,7 +366,7 @@ def segment_stats(spark: SparkSession, root: str, *, source: str, as_of: datetim
     )
     changes = (
         lake.read_table(spark, root, lake.SEGMENT_CHANGES)
-        .filter((F.col("source") == source) & (F.col("changed_at") == F.lit(as_of)))
+        .filter(scope.rows() & (F.col("changed_at") == F.lit(as_of)))
         .groupBy("segment_id", "change")
         .count()
         .collect()
@@ -282,31 +412,6 @@ def overlap(spark: SparkSession, root: str, *, as_of: datetime) -> dict[str, dic
             inter = both.get((min(a, b), max(a, b)), 0)
             result[a][b] = round(inter / (sizes[a] + sizes[b] - inter), 6)
     return result
-
-
-_CATALOG_COMPARED = ("definition_version", "matched", "size", "status", "entered", "exited")
-
-
-def write_catalog(
-    spark: SparkSession, root: str, rows: list[dict], *, update_unchanged: bool = False
-) -> None:
-    """Upsert gold/segment_catalog rows (dicts with every column) keyed on (as_of, source,
-    segment_id). A row whose definition version, sizes, status and changes are the same is
-    left as it is (first run_id kept) unless update_unchanged."""
-    schema = lake.SEGMENT_CATALOG.schema
-    rows_df = spark.createDataFrame([[r[f.name] for f in schema.fields] for r in rows], schema)
-    changed = " OR ".join(f"t.{c} <> s.{c}" for c in _CATALOG_COMPARED)
-    (
-        lake.ensure_table(spark, root, lake.SEGMENT_CATALOG)
-        .alias("t")
-        .merge(
-            rows_df.alias("s"),
-            "t.as_of = s.as_of AND t.source = s.source AND t.segment_id = s.segment_id",
-        )
-        .whenMatchedUpdateAll(condition=None if update_unchanged else changed)
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
 
 
 # --------------------------------------------------------------------------------------

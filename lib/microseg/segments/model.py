@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from microseg.core.config import ConfigError
@@ -194,6 +195,11 @@ class SegmentCatalog:
             if segment.id == segment_id:
                 return segment
         raise KeyError(segment_id)
+
+    @property
+    def name(self) -> str:
+        """The file's name without its extension: the scope of its membership rows."""
+        return Path(self.path).stem
 
     def ids(self) -> list[str]:
         return [s.id for s in self.segments]

@@ -179,7 +179,7 @@ def print_segments_report(report) -> None:
 def print_segment(spark, cfg, catalog, segment_id: str) -> None:
     import json
 
-    from microseg.segments.evaluate import catalog_history
+    from microseg.segments.catalog import catalog_history
 
     segment = catalog[segment_id]
     capable, why = catalog.streaming_capable(segment_id)

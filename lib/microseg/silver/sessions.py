@@ -15,7 +15,6 @@ sha256(user_key || 0x1f || first event_id).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -24,6 +23,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.core.runs import new_run_id
 
 ANON_PREFIX = "anon:"
 JOB = "sessionize"
@@ -256,7 +256,9 @@ def affected_ranges(
     )
 
 
-def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> SessionizeReport:
+def run_sessionize(
+    spark: SparkSession, cfg: Config, *, full: bool = False, run_id: str | None = None
+) -> SessionizeReport:
     """Bring silver/identity_map and silver/sessions up to date with bronze/events.
 
     Reads the events ingested since the last run (ingested_at after the stored watermark minus
@@ -266,7 +268,7 @@ def run_sessionize(spark: SparkSession, cfg: Config, *, full: bool = False) -> S
     """
     root = cfg.lake.root
     conf = cfg.sessions
-    report = SessionizeReport(run_id=uuid.uuid4().hex, mode="incremental")
+    report = SessionizeReport(run_id=run_id or new_run_id(), mode="incremental")
     if not lake.table_exists(spark, root, lake.EVENTS):
         raise FileNotFoundError(f"no bronze/events table under {root}: run `microseg ingest` first")
     events_df = lake.read_table(spark, root, lake.EVENTS)

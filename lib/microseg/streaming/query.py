@@ -85,14 +85,12 @@ from __future__ import annotations
 import bisect
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 
 import pandas as pd
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -101,10 +99,17 @@ from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
 from microseg.core import lake
 from microseg.core.config import Config, ConfigError
+from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.ingest import files as ingest
 from microseg.ingest.sources import load_source, records_of_lines
 from microseg.segments.compile import exclusive_winners, segment_condition
+from microseg.segments.membership import (
+    MembershipDiff,
+    Scope,
+    apply_diff,
+    scope_history,
+)
 from microseg.segments.model import (
     EventCondition,
     EventCount,
@@ -182,7 +187,13 @@ class IngestStats:
 
 
 def ingest_kafka_batch(
-    lines_df: DataFrame, batch_id: int, *, cfg: Config, mapping, stats: IngestStats
+    lines_df: DataFrame,
+    batch_id: int,
+    *,
+    cfg: Config,
+    mapping,
+    stats: IngestStats,
+    run_id: str,
 ) -> None:
     """The Kafka query's foreachBatch function: validate the records as `microseg ingest`
     does and write bronze/quarantine, then bronze/events, insert-only by record and event id,
@@ -205,7 +216,7 @@ def ingest_kafka_batch(
                 cfg.lake.root,
                 classified_df,
                 source=mapping.name,
-                run_id=f"kafka-{cfg.stream.kafka.topic}-{batch_id:06d}",
+                run_id=run_id,
                 now=now,
             )
     finally:
@@ -213,7 +224,7 @@ def ingest_kafka_batch(
 
 
 def start_kafka_ingest(
-    spark: SparkSession, cfg: Config, *, available_now: bool, stats: IngestStats
+    spark: SparkSession, cfg: Config, *, available_now: bool, stats: IngestStats, run_id: str
 ) -> StreamingQuery:
     """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint)."""
     mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
@@ -237,7 +248,9 @@ def start_kafka_ingest(
         kafka_lines(spark, cfg)
         .writeStream.queryName(KAFKA_QUERY_NAME)
         .option("checkpointLocation", kafka_checkpoint_path(cfg))
-        .foreachBatch(partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats))
+        .foreachBatch(
+            partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats, run_id=run_id)
+        )
     )
     return _with_trigger(writer, cfg, available_now).start()
 
@@ -613,7 +626,8 @@ class StreamSink:
     catalog: SegmentCatalog
     segment_ids: list[str]
     plan: FactPlan
-    run_prefix: str
+    scope: Scope
+    run_id: str  # the ops/runs row of the stream run: every row it writes carries it
     features: dict[str, str] = field(default_factory=dict)  # name -> kind, rules may use
     stats: BatchStats = field(default_factory=BatchStats)
     # called after a micro-batch with changes is written: (batch id, {(segment, change): n})
@@ -625,17 +639,20 @@ def stream_sink(
     cfg: Config,
     catalog: SegmentCatalog,
     segment_ids: list[str],
+    *,
+    run_id: str | None = None,
 ) -> StreamSink:
-    """The sink of a query over `segment_ids`, its tables created if they do not exist."""
+    """The sink of a query over `segment_ids`, its tables created if they do not exist; its
+    rows carry `run_id` (default a new one)."""
     for table in (lake.SEGMENT_MEMBERSHIP, lake.SEGMENT_CHANGES):
         lake.ensure_table(spark, cfg.lake.root, table)
-    prefix = "stream-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return StreamSink(
         root=cfg.lake.root,
         catalog=catalog,
         segment_ids=segment_ids,
         plan=fact_plan(catalog, segment_ids),
-        run_prefix=f"{prefix}-{uuid.uuid4().hex[:6]}",
+        scope=Scope(SOURCE, catalog.name),
+        run_id=run_id or new_run_id(),
         features=available_features(cfg),
     )
 
@@ -669,11 +686,10 @@ def transitions(
 ) -> DataFrame:
     """Enter / exit rows: user_key, segment_id, as_of, change, reason, definition_version,
     first (the first transition of the pair in this batch), next_as_of (the pair's next
-    transition in this batch)."""
+    transition in this batch). membership_df: the stream scope's intervals."""
     firsts_df = flags_df.groupBy("user_key").agg(F.min("as_of").alias("_first"))
     before_df = (
-        membership_df.filter(F.col("source") == SOURCE)
-        .join(F.broadcast(firsts_df), on="user_key")
+        membership_df.join(F.broadcast(firsts_df), on="user_key")
         .filter(
             (F.col("valid_from") < F.col("_first"))
             & (F.col("valid_to").isNull() | (F.col("valid_to") >= F.col("_first")))
@@ -715,88 +731,30 @@ def transitions(
     )
 
 
-def insert_changes(
-    spark: SparkSession, root: str, transitions_df: DataFrame, *, run_id: str
-) -> None:
-    """Insert the change rows whose key (user_key, segment_id, source, changed_at, change) is
-    not in gold/segment_changes yet: a replayed micro-batch inserts nothing."""
-    changes_df = lake.conform(
-        transitions_df.select(
+def stream_diff(transitions_df: DataFrame) -> MembershipDiff:
+    """The transitions of a micro-batch as the membership writer's diff: the first exit of a
+    pair closes its open interval; each enter opens [point, the pair's next exit)."""
+    enter = F.col("change") == "enter"
+    return MembershipDiff(
+        closes=transitions_df.filter(~enter & F.col("first")).select(
+            "user_key", "segment_id", F.col("as_of").alias("valid_to")
+        ),
+        opens=transitions_df.filter(enter).select(
             "user_key",
             "segment_id",
-            F.lit(SOURCE).alias("source"),
+            "definition_version",
+            F.lit(None).cast("double").alias("score"),
+            F.col("as_of").alias("valid_from"),
+            F.col("next_as_of").alias("valid_to"),
+        ),
+        changes=transitions_df.select(
+            "user_key",
+            "segment_id",
             "change",
             "reason",
             F.col("as_of").alias("changed_at"),
             "definition_version",
-            F.lit(run_id).alias("run_id"),
-            F.current_timestamp().alias("recorded_at"),
         ),
-        lake.SEGMENT_CHANGES,
-    )
-    earliest = transitions_df.agg(F.min("as_of")).first()[0]
-    keys = ("user_key", "segment_id", "source", "changed_at", "change")
-    condition = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    # a literal bound on the target lets Delta skip the files of older changes
-    condition += f" AND t.changed_at >= TIMESTAMP '{earliest.isoformat(sep=' ')}'"
-    (
-        DeltaTable.forPath(spark, lake.table_path(root, lake.SEGMENT_CHANGES))
-        .alias("t")
-        .merge(changes_df.alias("s"), condition)
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
-
-
-def merge_intervals(
-    spark: SparkSession, root: str, transitions_df: DataFrame, *, run_id: str
-) -> None:
-    actions_df = transitions_df.filter((F.col("change") == "enter") | F.col("first")).select(
-        "user_key",
-        "segment_id",
-        "definition_version",
-        F.when(F.col("change") == "enter", "open").otherwise("close").alias("_action"),
-        F.when(F.col("change") == "enter", F.col("as_of")).alias("valid_from"),
-        F.when(F.col("change") == "enter", F.col("next_as_of"))
-        .otherwise(F.col("as_of"))
-        .alias("valid_to"),
-    )
-    target = DeltaTable.forPath(spark, lake.table_path(root, lake.SEGMENT_MEMBERSHIP))
-    (
-        target.alias("t")
-        .merge(
-            actions_df.alias("s"),
-            f"t.source = '{SOURCE}' AND t.user_key = s.user_key "
-            "AND t.segment_id = s.segment_id AND ("
-            "(s._action = 'close' AND t.is_current AND t.valid_from < s.valid_to) "
-            "OR (s._action = 'open' AND t.valid_from = s.valid_from))",
-        )
-        .whenMatchedUpdate(
-            condition="s._action = 'close'",
-            set={
-                "valid_to": "s.valid_to",
-                "is_current": F.lit(False),
-                "closed_by_run_id": F.lit(run_id),
-            },
-        )
-        .whenNotMatchedInsert(
-            condition="s._action = 'open'",
-            values={
-                "user_key": "s.user_key",
-                "segment_id": "s.segment_id",
-                "source": F.lit(SOURCE),
-                "definition_version": "s.definition_version",
-                "score": F.lit(None).cast("double"),
-                "valid_from": "s.valid_from",
-                "valid_to": "s.valid_to",
-                "is_current": F.col("s.valid_to").isNull(),
-                "run_id": F.lit(run_id),
-                "closed_by_run_id": F.when(
-                    F.col("s.valid_to").isNotNull(), F.lit(run_id)
-                ).otherwise(F.lit(None).cast("string")),
-            },
-        )
-        .execute()
     )
 
 
@@ -848,7 +806,7 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
         frame_df = points_frame(
             facts_df, sink.plan, snapshots.latest_snapshot(spark, sink.root), sink.features
         )
-        membership_df = lake.read_table(spark, sink.root, lake.SEGMENT_MEMBERSHIP)
+        membership_df = scope_history(spark, sink.root, sink.scope)
         versions = {sid: sink.catalog.version(sid) for sid in sink.segment_ids}
         transitions_df = transitions(
             member_flags(sink.catalog, sink.segment_ids, frame_df), membership_df, versions
@@ -858,10 +816,15 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
             lap("transitions_s")
             sink.stats.changes += changes
             if changes:
-                run_id = f"{sink.run_prefix}-{batch_id:06d}"
-                insert_changes(spark, sink.root, transitions_df, run_id=run_id)
-                lap("changes_s")
-                merge_intervals(spark, sink.root, transitions_df, run_id=run_id)
+                earliest = transitions_df.agg(F.min("as_of")).first()[0]
+                apply_diff(
+                    spark,
+                    sink.root,
+                    sink.scope,
+                    stream_diff(transitions_df),
+                    run_id=sink.run_id,
+                    since=earliest,
+                )
                 lap("membership_s")
                 if sink.on_changes is not None:
                     counted = transitions_df.groupBy("segment_id", "change").count().collect()
@@ -973,6 +936,7 @@ def run_stream(
     timeout: float | None = None,
     path: str | None = None,
     on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None,
+    run_id: str | None = None,
 ) -> StreamReport:
     """Run the query until it ends (available_now: when the source is drained) or `timeout`
     seconds pass (then it is stopped); a failure in the query is raised here.
@@ -980,7 +944,7 @@ def run_stream(
     With stream.source kafka the Kafka ingest query runs too: alongside, or (available_now)
     first, so that the segment query then sees everything the topic held."""
     catalog, segment_ids = _load(spark, cfg, path)
-    sink = stream_sink(spark, cfg, catalog, segment_ids)
+    sink = stream_sink(spark, cfg, catalog, segment_ids, run_id=run_id)
     sink.on_changes = on_changes
     deadline = None if timeout is None else time.monotonic() + timeout
     queries: list[StreamingQuery] = []
@@ -989,7 +953,9 @@ def run_stream(
         if cfg.stream.source == "kafka":
             kafka_stats = IngestStats()
             queries.append(
-                start_kafka_ingest(spark, cfg, available_now=available_now, stats=kafka_stats)
+                start_kafka_ingest(
+                    spark, cfg, available_now=available_now, stats=kafka_stats, run_id=sink.run_id
+                )
             )
             if available_now:
                 _await(queries[0], deadline)
