@@ -330,9 +330,9 @@ def _stream(cfg: Config, args: argparse.Namespace) -> int:
     )
     with recorded(spark, cfg, job="stream") as run:
         report = streaming.run_stream(
-            run_id=run.run_id,
             spark,
             cfg,
+            run_id=run.run_id,
             available_now=args.available_now,
             timeout=args.timeout,
             on_changes=None if args.quiet else print_stream_changes,
