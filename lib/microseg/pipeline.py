@@ -115,6 +115,7 @@ def _features(spark, cfg, as_of):
 
 
 def _segments_current(spark, cfg, as_of) -> bool:
+    from microseg.segments.membership import Scope
     from microseg.segments.parse import load_segments
 
     if not lake.table_exists(spark, cfg.lake.root, lake.SEGMENT_CATALOG):
@@ -123,7 +124,7 @@ def _segments_current(spark, cfg, as_of) -> bool:
     wanted = {(s.id, catalog.version(s.id)) for s in catalog.segments}
     rows = (
         lake.read_table(spark, cfg.lake.root, lake.SEGMENT_CATALOG)
-        .filter((F.col("as_of") == F.lit(as_of)) & (F.col("source") == "rule"))
+        .filter((F.col("as_of") == F.lit(as_of)) & Scope("rule", catalog.name).rows())
         .select("segment_id", "definition_version", "recorded_at")
         .collect()
     )
