@@ -47,6 +47,8 @@ from microseg.core.config import load_config
 from microseg.core.spark import build_spark
 from microseg.segments.parse import load_segments
 from microseg.streaming import query as streaming
+from microseg.streaming import sink as stream_sink
+from microseg.streaming import state as stream_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +139,8 @@ def run_one(spark, args, trigger_s: float) -> dict:
     events_path = lake.table_path(cfg.lake.root, lake.EVENTS)
     lake.ensure_table(spark, cfg.lake.root, lake.EVENTS)
     catalog = load_segments(cfg)
-    sink = streaming.stream_sink(
-        spark, cfg, catalog, streaming.streamed_segments(catalog, cfg.stream.segments)
+    sink = stream_sink.stream_sink(
+        spark, cfg, catalog, stream_state.streamed_segments(catalog, cfg.stream.segments)
     )
     query = streaming.start_stream(spark, cfg, sink=sink)
     producer = Producer(

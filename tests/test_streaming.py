@@ -27,7 +27,10 @@ from microseg.features.user_features import run_features
 from microseg.segments.evaluate import run_segments
 from microseg.segments.parse import load_segments
 from microseg.silver.sessions import run_sessionize
+from microseg.streaming import checkpoint as stream_checkpoint
 from microseg.streaming import query as streaming
+from microseg.streaming import sink as stream_sink
+from microseg.streaming import state as stream_state
 
 # pandas functions run in Python workers: the same interpreter as the tests (scripts/test sets
 # it too; the session fixture starts after collection, so this is in time)
@@ -90,11 +93,11 @@ def intervals(spark, cfg) -> list[tuple]:
 # the state machine alone (no Spark)
 
 
-def plan_of(cfg) -> streaming.FactPlan:
+def plan_of(cfg) -> stream_state.FactPlan:
     from microseg.segments.parse import load_segments
 
     catalog = load_segments(cfg)
-    return streaming.fact_plan(catalog, streaming.streamed_segments(catalog, None))
+    return stream_state.fact_plan(catalog, stream_state.streamed_segments(catalog, None))
 
 
 def m(minute: float) -> int:
@@ -121,14 +124,14 @@ def test_state_machine_points_lapses_and_caps(tmp_path):
     busy = next(c for c in plan.counts if c.types is None)
     assert (add.cap, since.cap, busy.cap) == (1, 1, 3)
     names = plan.names()
-    state = streaming.UserState()
+    state = stream_state.UserState()
 
     def facts(point_values):
         point, values = point_values
         return point, dict(zip(names, values, strict=True))
 
     # two events in one instant are one point; facts count events strictly before it
-    out = streaming.advance(
+    out = stream_state.advance(
         plan, state, [(m(0), "add_to_cart"), (m(0), "page_view"), (m(10), "page_view")], None
     )
     assert [facts(p) for p in out] == [
@@ -136,22 +139,22 @@ def test_state_machine_points_lapses_and_caps(tmp_path):
         (m(10) + 1, {add.name: 1, since.name: 0, busy.name: 3, plan.lasts[0].name: None}),
     ]
     # the next lapse: the two events at minute 0 leave the 1h window at 60 min + 1us
-    assert streaming.next_lapse(plan, state) == m(60) + 1
+    assert stream_state.next_lapse(plan, state) == m(60) + 1
     # a watermark short of it evaluates nothing; past it, every lapse up to it in order
-    assert streaming.advance(plan, state, [], m(60)) == []
-    out = streaming.advance(plan, state, [], m(70) + 5)
+    assert stream_state.advance(plan, state, [], m(60)) == []
+    out = stream_state.advance(plan, state, [], m(70) + 5)
     assert [(p, v[names.index(busy.name)]) for p, v in out] == [(m(60) + 1, 1), (m(70) + 1, 0)]
     # the cart add leaves its 24h window at 24h + 1us; a later event evaluates that lapse first
-    out = streaming.advance(plan, state, [(m(DAY + 5), "purchase")], None)
+    out = stream_state.advance(plan, state, [(m(DAY + 5), "purchase")], None)
     assert [p for p, _ in out] == [m(DAY) + 1, m(DAY + 5) + 1]
     assert out[0][1][names.index(add.name)] == 0
     last = dict(zip(names, out[1][1], strict=True))
     assert (last[since.name], last[plan.lasts[0].name]) == (1, m(DAY + 5))
     # the purchase leaves busy's 1h window first (recent_buyers' 30 days come later)
-    assert streaming.next_lapse(plan, state) == m(DAY + 65) + 1
+    assert stream_state.next_lapse(plan, state) == m(DAY + 65) + 1
     # an event older than the clock (out of order, not late) is evaluated just after the clock
     clock = state.clock
-    out = streaming.advance(plan, state, [(m(DAY + 1), "add_to_cart")], None)
+    out = stream_state.advance(plan, state, [(m(DAY + 1), "add_to_cart")], None)
     assert [p for p, _ in out] == [clock + 1]
     assert dict(zip(names, out[0][1], strict=True))[since.name] == 1  # older than the purchase
 
@@ -164,14 +167,14 @@ def test_timer_fires_when_the_watermark_reaches_the_lapse():
         (5_000_000, 5_000, True),
         (5_000_000, 4_999, False),
     ]:
-        assert (streaming.timer_ms(lapse_us) < watermark_ms) == fires
+        assert (stream_state.timer_ms(lapse_us) < watermark_ms) == fires
         assert (lapse_us <= watermark_ms * 1000) == fires
 
 
 def test_default_catalog_streams_event_rules_only(cfg):
 
     catalog = load_segments(cfg)
-    assert streaming.streamed_segments(catalog, None) == [
+    assert stream_state.streamed_segments(catalog, None) == [
         "cart_abandoners_24h",
         "recent_buyers",
         "lapsed_customers",
@@ -244,7 +247,9 @@ def test_replaying_a_batch_changes_nothing(spark, tmp_path):
 
     cfg = stream_config(tmp_path)
     catalog = load_segments(cfg)
-    sink = streaming.stream_sink(spark, cfg, catalog, streaming.streamed_segments(catalog, None))
+    sink = stream_sink.stream_sink(
+        spark, cfg, catalog, stream_state.streamed_segments(catalog, None)
+    )
     plan = sink.plan
     add = next(c.name for c in plan.counts if not c.anchor)
     since = next(c.name for c in plan.counts if c.anchor)
@@ -263,11 +268,11 @@ def test_replaying_a_batch_changes_nothing(spark, tmp_path):
             }
             for user, minute, adds, bought, last_purchase in rows
         ]
-        schema = streaming.facts_schema(plan)
+        schema = stream_state.facts_schema(plan)
         return spark.createDataFrame([[d[f.name] for f in schema.fields] for d in data], schema)
 
     def write(df, batch_id):
-        streaming.write_batch(df, batch_id, sink=sink)
+        stream_sink.write_batch(df, batch_id, sink=sink)
 
     write(batch([("u1", 0, 1, 0, None)]), 0)
     second = batch(
@@ -355,7 +360,7 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
     cfg = stream_config(killed_dir)
     write_bronze(spark, cfg, KILL_STEPS[0])
     marker, log = killed_dir / "paused", killed_dir / "child.log"
-    checkpoint = streaming.checkpoint_path(cfg)
+    checkpoint = stream_checkpoint.checkpoint_path(cfg)
     with open(log, "w") as out:
         child = subprocess.Popen(
             [
