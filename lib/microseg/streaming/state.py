@@ -311,7 +311,7 @@ def live_facts(keyed_df: DataFrame, plan: FactPlan, *, watermark_delay_ms: int) 
     last times), from a streaming frame of keyed events."""
     return (
         keyed_df.withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
-        .select("user_key", "event_time", F.unixmicros("event_time").alias("t"), "event_type")
+        .select("user_key", "event_time", F.unix_micros("event_time").alias("t"), "event_type")
         .groupBy("user_key")
         .applyInPandasWithState(
             partial(_advance_group, plan),
