@@ -18,20 +18,13 @@ from tests.test_sessions import T0, ev, events_df, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
-from microseg.ml.propensity import (
-    IsotonicCalibrationModel,
-    IsotonicCalibrator,
-    evaluate_scores,
-    labeled_snapshot,
-    model_features,
-    score_propensity,
-    segment_id,
-    target_spec,
-    train_propensity,
-    training_snapshots,
-    user_fold,
-    with_labels,
-)
+from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
+from microseg.ml.propensity.labels import labeled_snapshot, training_snapshots, with_labels
+from microseg.ml.propensity.metrics import evaluate_scores
+from microseg.ml.propensity.models import user_fold
+from microseg.ml.propensity.score import score_propensity
+from microseg.ml.propensity.targets import model_features, segment_id, target_spec
+from microseg.ml.propensity.train import train_propensity
 from microseg.segments import membership
 
 DAY = 24 * 60
@@ -281,7 +274,7 @@ def test_training_splits_by_time_and_registers_the_model(spark, trained):
     assert details["verdict"] == report.verdict
     assert set(details["calibration_tables"]) == {"gbt", "logistic_regression", "heuristic"}
     assert json.loads(row.params)["chosen"] == {"maxDepth": 2, "maxIter": 5, "stepSize": 0.1}
-    assert len(row.training_data_hash) == 32
+    assert len(row.training_data_hash) == 64
 
 
 def test_training_rows_see_no_event_at_or_after_t(spark, trained):
