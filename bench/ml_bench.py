@@ -5,7 +5,7 @@
     .venv/bin/python bench/ml_bench.py --users 100000 --variants kmeans-plain gbt-cached-2p
 
 microseg trains two kinds of model with Spark ML: KMeans on behavioral features
-(lib/microseg/clustering.py) and a GBTClassifier for propensity (lib/microseg/propensity.py).
+(lib/microseg/ml/clustering/) and a GBTClassifier for propensity (lib/microseg/ml/propensity/).
 For each size in --users this script
 
 1. generates two synthetic tables with numpy (seeded, so every run gets the same rows) and

@@ -27,23 +27,13 @@ from tests.conftest import make_config
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
-from microseg.ml.clustering import (
-    ClusterLabeler,
-    FillMissing,
-    Log1p,
-    adjusted_rand_index,
-    assign_clusters,
-    check_config,
-    fill_rules,
-    fit_clusters,
-    match_clusters,
-    match_distances,
-    name_cluster,
-    new_version,
-    persona_ari,
-    train_clusters,
-    unique_name,
-)
+from microseg.ml.clustering.fit import fit_clusters
+from microseg.ml.clustering.jobs import assign_clusters, train_clusters
+from microseg.ml.clustering.matching import match_clusters, match_distances
+from microseg.ml.clustering.naming import name_cluster, unique_name
+from microseg.ml.clustering.pipeline import check_config, fill_rules
+from microseg.ml.clustering.quality import adjusted_rand_index, persona_ari
+from microseg.ml.clustering.steps import ClusterLabeler, FillMissing, Log1p
 
 T1 = datetime(2026, 10, 1)
 T2 = datetime(2026, 10, 8)
@@ -363,14 +353,6 @@ def test_persona_ari_maps_user_ids_and_anonymous_ids(spark, tmp_path):
         "user_key string, cluster_id string",
     )
     assert persona_ari(spark, assignments, str(users_csv)) == (1.0, 5)
-
-
-def test_version_ids_sort_by_time():
-    early = new_version(datetime(2026, 11, 24, 5, 15, 0, 999_999))
-    late = new_version(datetime(2026, 11, 24, 5, 15, 1, 0))
-    assert early == "20261124T051500Z-0f423f"
-    assert late == "20261124T051501Z-000000"
-    assert early < late
 
 
 # --------------------------------------------------------------------------------------

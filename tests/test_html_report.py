@@ -4,7 +4,7 @@ The lake is built by the real jobs through the CLI: generate (with malformed and
 records, so quarantine has rows), ingest, sessionize, features and rule segments at two
 as-ofs a week apart. Training real cluster and propensity models needs far more data (their
 own tests do that), so one registry row of each kind is appended in the shape those jobs
-write (see clustering.train_clusters and propensity._register).
+write (see microseg.ml.registry.RegistryEntry).
 """
 
 from __future__ import annotations

@@ -3,10 +3,7 @@ segments. Expected values are written out by hand."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,36 +11,23 @@ import pytest
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 from tests.conftest import make_config
-from tests.test_sessions import T0, ev, events_df, write_bronze
+from tests.test_sessions import ev, events_df, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
-from microseg.ml.propensity import (
-    IsotonicCalibrationModel,
-    IsotonicCalibrator,
-    evaluate_scores,
-    labeled_snapshot,
-    model_features,
-    score_propensity,
-    segment_id,
-    target_spec,
-    train_propensity,
-    training_snapshots,
-    user_fold,
-    with_labels,
-)
+from microseg.ml import registry
+from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
+from microseg.ml.propensity.labels import labeled_snapshot, training_snapshots, with_labels
+from microseg.ml.propensity.metrics import evaluate_scores
+from microseg.ml.propensity.models import user_fold
+from microseg.ml.propensity.score import score_propensity
+from microseg.ml.propensity.targets import model_features, segment_id, target_spec
+from microseg.ml.propensity.train import train_propensity
 from microseg.segments import membership
 
-DAY = 24 * 60
 T = datetime(2026, 9, 10)  # a label as-of
 H = timedelta(days=7)
 SECOND = timedelta(seconds=1)
-
-FAST_MODEL = [
-    "propensity.snapshots=2",
-    "propensity.grid.max_depth=[2]",
-    "propensity.grid.max_iter=[5]",
-]
 
 
 def at(row, when: datetime):
@@ -207,130 +191,274 @@ def test_metrics_by_hand(spark):
 
 
 # --------------------------------------------------------------------------------------
-# training, the saved pipeline, scoring
+# training, the saved pipeline, scoring: a hand-built shop of eight users
+#
+# E is the evaluation as-of; with two snapshots a week apart the training uses F = E - 14d
+# (fit) and C = E - 7d (calibration, held out). Events, in days from E (P purchase, V visit):
+#
+#   u1  P -20, P -10, P -4, P +1         u5  V -15, P +2
+#   u2  P -18, P -9,  P -5, P +7 (E + h) u6  V -19
+#   u3  P -17, P -12, P -2, P +4         u7  V -16
+#   u4  P -10, P -7 (exactly at C)       u8  V -13
+#
+# The model features are orders_lifetime and days_since_last_event. In the fit rows only
+# orders_lifetime separates the labels (u5, a non-buyer, visited more recently than every
+# buyer), so every GBT tree splits on orders_lifetime <= 0.5 and the GBT puts every user into
+# one of two groups: G1 (has bought) above G0 (never bought). The calibration rows are pure
+# (G1 all positive, G0 all negative), so the isotonic step maps G0 to 0 and G1 to 1, clipped
+# to [e, 1 - e] with e = 0.5 / 8 calibration rows = 1/16.
+
+E = datetime(2026, 10, 1)
+F_AS_OF = E - timedelta(days=14)
+C_AS_OF = E - timedelta(days=7)
+PURCHASES = {
+    "u1": (-20, -10, -4, 1),
+    "u2": (-18, -9, -5, 7),
+    "u3": (-17, -12, -2, 4),
+    "u4": (-10, -7),
+    "u5": (2,),
+}
+VISITS = {"u5": (-15,), "u6": (-19,), "u7": (-16,), "u8": (-13,)}
+HAND_MODEL = [
+    "propensity.snapshots=2",
+    "propensity.grid.max_depth=[2]",
+    "propensity.grid.max_iter=[5]",
+    "propensity.features=[orders_lifetime, days_since_last_event]",
+    "propensity.top_share=0.25",
+]
+# (orders_lifetime, days_since_last_event, label) per user at each as-of; a purchase at
+# exactly T is a label of T, not a feature; one at exactly T + h is neither
+HAND_ROWS = {
+    F_AS_OF: {
+        "u1": (1, 6.0, 1.0),
+        "u2": (1, 4.0, 1.0),
+        "u3": (1, 3.0, 1.0),
+        "u5": (0, 1.0, 0.0),
+        "u6": (0, 5.0, 0.0),
+        "u7": (0, 2.0, 0.0),
+    },
+    C_AS_OF: {
+        "u1": (2, 3.0, 1.0),
+        "u2": (2, 2.0, 1.0),
+        "u3": (2, 5.0, 1.0),
+        "u4": (1, 3.0, 1.0),  # bought at C: a label of C, not a feature
+        "u5": (0, 8.0, 0.0),
+        "u6": (0, 12.0, 0.0),
+        "u7": (0, 9.0, 0.0),
+        "u8": (0, 6.0, 0.0),
+    },
+    E: {
+        "u1": (3, 4.0, 1.0),
+        "u2": (3, 5.0, 0.0),  # bought at E + h: not a label
+        "u3": (3, 2.0, 1.0),
+        "u4": (2, 7.0, 0.0),
+        "u5": (0, 15.0, 1.0),  # never bought before E, buys in [E, E + h)
+        "u6": (0, 19.0, 0.0),
+        "u7": (0, 16.0, 0.0),
+        "u8": (0, 13.0, 0.0),
+    },
+}
+LOW, HIGH = 1 / 16, 15 / 16  # calibrated GBT score of G0 and G1
+GBT_SCORES = {"u1": HIGH, "u2": HIGH, "u3": HIGH, "u4": HIGH} | {
+    u: LOW for u in ("u5", "u6", "u7", "u8")
+}
+# Evaluation rows: G1 = u1 (1), u2 (0), u3 (1), u4 (0); G0 = u5 (1), u6, u7, u8 (0).
+# ROC AUC = P(positive ranks above negative) + 1/2 P(tie) over the 3 x 5 pairs:
+#   u1, u3: tie u2, u4 and beat u6, u7, u8 -> 2 x (1 + 3); u5: ties u6, u7, u8 -> 1.5
+#   (8 + 1.5) / 15 = 19/30
+# PR curve (Spark prepends (0, precision of the first threshold)): G1 cut at recall 2/3,
+# precision 2/4; everyone at recall 1, precision 3/8:
+#   2/3 x 1/2 + 1/3 x (1/2 + 3/8) / 2 = 1/3 + 7/48 = 23/48
+# top 25% = ceil(0.25 x 8) = 2 rows: G1 ties go by user_key -> u1 (1), u2 (0): precision 1/2,
+# lift (1/2) / (3/8) = 4/3; log loss: five rows scored right (-ln 15/16), three wrong (-ln 1/16)
+GBT_METRICS = {
+    "roc_auc": 19 / 30,
+    "pr_auc": 23 / 48,
+    "log_loss": (5 * -math.log(15 / 16) + 3 * -math.log(1 / 16)) / 8,
+    "precision_top": 0.5,
+    "lift_top": 4 / 3,
+    "base_rate": 3 / 8,
+    "rows": 8.0,
+}
+# The heuristic (1 + orders_lifetime) / (1 + days_since_last_event) on the calibration rows:
+#   negatives u6 1/13, u7 1/10, u5 1/9, u8 1/7; positives u3 = u4 1/2, u1 3/4, u2 1
+# already in label order, so the isotonic fit keeps them: 0 on [1/13, 1/7], 1 on [1/2, 1],
+# linear between 1/7 and 1/2. At E: u3 4/3, u1 4/5, u2 2/3 -> 1 (clipped to 15/16);
+# u4 3/8 -> (3/8 - 1/7) / (1/2 - 1/7) = 13/20; u8 1/14, u5 1/16, u7 1/17, u6 1/20 -> 0 (1/16).
+# Ranked by the heuristic: u3 (1), u1 (1), u2, u4, u8, u5 (1), u7, u6.
+# ROC AUC: u3 and u1 beat all five negatives, u5 beats u7 and u6: (5 + 5 + 2) / 15 = 4/5.
+# PR: (1/3, 1) (2/3, 1) then recall stays 2/3 down to precision 2/5 at u8, (1, 1/2) at u5:
+#   2/3 + 1/3 x (2/5 + 1/2) / 2 = 2/3 + 3/20 = 49/60. Top 2: u3, u1: precision 1, lift 8/3.
+HEURISTIC_METRICS = {
+    "roc_auc": 4 / 5,
+    "pr_auc": 49 / 60,
+    "log_loss": (5 * -math.log(15 / 16) + 2 * -math.log(1 / 16) - math.log(7 / 20)) / 8,
+    "precision_top": 1.0,
+    "lift_top": 8 / 3,
+    "base_rate": 3 / 8,
+    "rows": 8.0,
+}
+# registry.training_data_hash of the 14 fit and calibration rows of HAND_ROWS (user_key, as_of,
+# label, orders_lifetime, days_since_last_event); worked out with hashlib alone
+HAND_DATA_HASH = "9fa650513e16d45ba43794ad249354f0beb50eb8b920add268ae06b003e0e051"
 
 
-def shop_events(users: int = 60, days: int = 36, seed: int = 7) -> list[tuple]:
-    """Users with a daily visit chance and a buy chance per visit; frequent visitors buy more."""
-    rng = random.Random(seed)
+def hand_events() -> list[tuple]:
     rows = []
-    for u in range(users):
-        visit = rng.choice([0.05, 0.15, 0.4, 0.7])
-        buy = 0.05 + 0.5 * visit
-        for day in range(days):
-            if rng.random() >= visit:
-                continue
-            minute = day * DAY + rng.randrange(0, 20 * 60)
-            key = f"u{u}-{day}"
-            rows.append(ev(f"{key}-v", minute, "product_view", user=f"u{u}", product="p1"))
-            if rng.random() < buy:
-                rows.append(ev(f"{key}-b", minute + 3, "purchase", user=f"u{u}", price=20.0))
-    rows.append(ev("last", days * DAY, "page_view", user="u0"))
+    for user, days in PURCHASES.items():
+        for day in days:
+            purchase = ev(f"{user}-p{day}", 0, "purchase", user=user, price=10.0)
+            rows.append(at(purchase, E + timedelta(days=day)))
+    for user, days in VISITS.items():
+        for day in days:
+            rows.append(
+                at(ev(f"{user}-v{day}", 0, "page_view", user=user), E + timedelta(days=day))
+            )
     return rows
-
-
-EVAL_AS_OF = T0.replace(hour=0) + timedelta(days=28)
-TC = EVAL_AS_OF - H  # the calibration snapshot
-# hand-made users around TC; the events at or after TC would change their features if they
-# leaked: lx1's orders and revenue, lx2's recency and sessions, cx3's user key
-BEFORE_TC = [
-    at(ev("x1a", 0, "purchase", user="lx1", product="x", price=10.0), TC - timedelta(days=2)),
-    at(ev("x1b", 0, "product_view", user="lx1", product="x"), TC - timedelta(days=1)),
-    at(ev("x2a", 0, "page_view", user="lx2", anon="cx2"), TC - timedelta(days=4)),
-    at(ev("x3a", 0, "page_view", anon="cx3"), TC - timedelta(hours=3)),
-]
-AFTER_TC = [
-    at(ev("z1", 0, "purchase", user="lx1", product="x", price=99.0), TC),
-    at(ev("z2", 0, "product_view", user="lx2", product="y"), TC + timedelta(minutes=1)),
-    at(ev("z3", 0, "page_view", user="lx3", anon="cx3"), TC + timedelta(hours=1)),
-    at(ev("z4", 0, "purchase", user="lx3", price=1.0), TC + timedelta(hours=2)),
-    at(ev("z5", 0, "purchase", user="lx4", price=1.0), TC + timedelta(days=3)),
-    at(ev("z6", 0, "purchase", user="lx2", price=1.0), TC + H),  # at TC + h: not a label
-]
 
 
 @pytest.fixture(scope="module")
 def trained(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("propensity")
-    cfg = make_config(root, *FAST_MODEL)
-    write_bronze(spark, cfg, shop_events() + BEFORE_TC + AFTER_TC)
-    report = train_propensity(spark, cfg, target="purchase_7d", as_of=EVAL_AS_OF)
+    cfg = make_config(root, *HAND_MODEL)
+    write_bronze(spark, cfg, hand_events())
+    report = train_propensity(spark, cfg, target="purchase_7d", as_of=E)
     return cfg, report
 
 
-def test_training_splits_by_time_and_registers_the_model(spark, trained):
-    cfg, report = trained
-    assert report.training_as_of == [EVAL_AS_OF - timedelta(days=14), EVAL_AS_OF - H]
-    assert report.calibration_as_of == EVAL_AS_OF - H
-    assert [s["role"] for s in report.snapshots] == ["fit", "calibration", "evaluation"]
-    assert report.features_computed == [*report.training_as_of, EVAL_AS_OF]
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", report.version)
-    assert set(report.metrics) == {"gbt", "logistic_regression", "heuristic"}
-    assert report.heuristic == "(1 + orders_lifetime) / (1 + days_since_last_event)"
-    assert len(report.calibration_table) == 10
-    row = lake.read_table(spark, cfg.lake.root, lake.MODEL_REGISTRY).first()
-    assert (row.model_name, row.version, row.kind) == ("purchase_7d", report.version, "propensity")
-    assert row.training_as_of == report.training_as_of
-    assert row.evaluation_as_of == EVAL_AS_OF
-    assert row.path == lake.model_path(cfg.lake.root, "purchase_7d", report.version)
-    for name in ("roc_auc", "pr_auc", "log_loss", "precision_top", "lift_top"):
-        for model in ("gbt", "logistic_regression", "heuristic"):
-            assert f"{model}_{name}" in row.metrics
-    assert row.metrics["gbt_beats_baselines_roc_auc"] in (0.0, 1.0)
-    details = json.loads(row.details)
-    assert details["verdict"] == report.verdict
-    assert set(details["calibration_tables"]) == {"gbt", "logistic_regression", "heuristic"}
-    assert json.loads(row.params)["chosen"] == {"maxDepth": 2, "maxIter": 5, "stepSize": 0.1}
-    assert len(row.training_data_hash) == 32
-
-
-def test_training_rows_see_no_event_at_or_after_t(spark, trained):
+def test_training_rows_are_the_hand_table(spark, trained):
     cfg, _ = trained
-    frame_df, computed = labeled_snapshot(spark, cfg, target="purchase_7d", as_of=TC)
-    assert not computed  # training computed the snapshot; this reads the same rows
-    names = ["orders_lifetime", "revenue_lifetime", "days_since_last_event", "sessions_lifetime"]
-    got = {
-        r.user_key: tuple(r[c] for c in [*names, "label"])
-        for r in frame_df.filter(
-            F.col("user_key").isin("lx1", "lx2", "lx3", "lx4", "anon:cx3")
-        ).collect()
-    }
-    assert got == {
-        "lx1": (1, 10.0, pytest.approx(1.0), 2, 1.0),  # bought again at TC: a label, not a feature
-        "lx2": (0, 0.0, pytest.approx(4.0), 1, 0.0),  # bought at TC + h: neither
-        "anon:cx3": (0, 0.0, pytest.approx(0.125), 1, 1.0),  # logged in as lx3 and bought
-    }
+    for as_of, expected in HAND_ROWS.items():
+        frame_df, computed = labeled_snapshot(spark, cfg, target="purchase_7d", as_of=as_of)
+        assert not computed  # training computed every snapshot; this reads the same rows
+        got = {
+            r.user_key: (r.orders_lifetime, r.days_since_last_event, r.label)
+            for r in frame_df.collect()
+        }
+        assert got == expected, as_of
 
 
-def test_saved_pipeline_loads_as_one_model_with_identical_scores(spark, trained):
+def test_training_report_by_hand(trained):
+    _, report = trained
+    assert (report.training_as_of, report.calibration_as_of) == ([F_AS_OF, C_AS_OF], C_AS_OF)
+    assert report.features_computed == [F_AS_OF, C_AS_OF, E]
+    assert report.snapshots == [
+        {"as_of": "2026-09-17T00:00:00", "role": "fit", "rows": 6, "positives": 3},
+        {"as_of": "2026-09-24T00:00:00", "role": "calibration", "rows": 8, "positives": 4},
+        {"as_of": "2026-10-01T00:00:00", "role": "evaluation", "rows": 8, "positives": 3},
+    ]
+    assert (report.features, report.dropped_features) == (
+        ["orders_lifetime", "days_since_last_event"],
+        [],
+    )
+    assert report.chosen_params == {"maxDepth": 2, "maxIter": 5, "stepSize": 0.1}
+    assert report.feature_importances == [
+        ("orders_lifetime", 1.0),
+        ("days_since_last_event", 0.0),
+    ]
+    assert report.metrics["gbt"] == pytest.approx(GBT_METRICS)
+    assert report.metrics["heuristic"] == pytest.approx(HEURISTIC_METRICS)
+    assert set(report.metrics) == {"gbt", "logistic_regression", "heuristic"}
+    # deciles of 8 rows are single rows, ordered by score, then raw score, then user_key
+    assert report.calibration_table == [
+        {"decile": d, "mean_predicted": p, "observed_rate": y, "rows": 1}
+        for d, (p, y) in enumerate(
+            [(0.0625, 1.0), (0.0625, 0.0), (0.0625, 0.0), (0.0625, 0.0)]  # u5, u6, u7, u8
+            + [(0.9375, 1.0), (0.9375, 0.0), (0.9375, 1.0), (0.9375, 0.0)],  # u1 .. u4
+            start=1,
+        )
+    ]
+    # the heuristic is better on every metric: GBT beats no baseline
+    assert report.beats_baselines == {
+        "roc_auc": False,
+        "pr_auc": False,
+        "lift_top": False,
+        "log_loss": False,
+    }
+    assert report.verdict.startswith("GBT does NOT beat every baseline: ")
+    assert "roc_auc 0.6333 vs heuristic 0.8000" in report.verdict
+    assert "lift_top 1.3333 vs heuristic 2.6667" in report.verdict
+    assert report.heuristic == "(1 + orders_lifetime) / (1 + days_since_last_event)"
+    # the fit and calibration rows of HAND_ROWS (see registry.training_data_hash)
+    assert report.data_hash == HAND_DATA_HASH
+
+
+def test_registry_entry_by_hand(spark, trained):
+    cfg, report = trained
+    entry = registry.get(spark, cfg.lake.root, "purchase_7d", kind="propensity")
+    assert (entry.model_name, entry.kind, entry.version) == (
+        "purchase_7d",
+        "propensity",
+        report.version,
+    )
+    assert entry.training_as_of == (F_AS_OF, C_AS_OF)
+    assert entry.evaluation_as_of == E
+    assert entry.path == lake.model_path(cfg.lake.root, "purchase_7d", report.version)
+    assert entry.training_data_hash == HAND_DATA_HASH
+    assert "training_seconds" in entry.metrics  # wall clock
+    hand_metrics = {
+        k: v
+        for k, v in entry.metrics.items()
+        if not k.startswith("logistic_regression_") and k != "training_seconds"
+    }
+    assert hand_metrics == (
+        pytest.approx(
+            {
+                **{f"gbt_{k}": v for k, v in GBT_METRICS.items() if k not in ("base_rate", "rows")},
+                **{
+                    f"heuristic_{k}": v
+                    for k, v in HEURISTIC_METRICS.items()
+                    if k not in ("base_rate", "rows")
+                },
+                "evaluation_base_rate": 3 / 8,
+                "evaluation_rows": 8.0,
+                "training_rows": 14.0,  # 6 fit + 8 calibration rows
+                "gbt_beats_baselines_roc_auc": 0.0,
+                "gbt_beats_baselines_pr_auc": 0.0,
+                "gbt_beats_baselines_lift_top": 0.0,
+                "gbt_beats_baselines_log_loss": 0.0,
+            }
+        )
+    )
+    assert entry.params["chosen"] == {"maxDepth": 2, "maxIter": 5, "stepSize": 0.1}
+    assert entry.params["class_weights"] == {"mode": "balanced", "negative": 1.0, "positive": 1.0}
+    assert entry.params["calibration_as_of"] == "2026-09-24T00:00:00"
+    assert entry.details["feature_importances"] == {
+        "orders_lifetime": 1.0,
+        "days_since_last_event": 0.0,
+    }
+    # the heuristic's calibrated scores, ordered as in the calibration table:
+    # u6, u7, u5, u8 (1/16), u4 (13/20), u2, u1, u3 (15/16)
+    assert entry.details["calibration_tables"]["heuristic"] == [
+        {"decile": d, "mean_predicted": p, "observed_rate": y, "rows": 1}
+        for d, (p, y) in enumerate(
+            [(0.0625, 0.0), (0.0625, 0.0), (0.0625, 1.0), (0.0625, 0.0), (0.65, 0.0)]
+            + [(0.9375, 0.0), (0.9375, 1.0), (0.9375, 1.0)],
+            start=1,
+        )
+    ]
+
+
+def test_saved_pipeline_loads_as_one_model_with_the_hand_scores(spark, trained):
     cfg, report = trained
     loaded = PipelineModel.load(report.path)
-    kinds = [type(s).__name__ for s in loaded.stages]
-    assert kinds == [
+    assert [type(s).__name__ for s in loaded.stages] == [
         "ImputerModel",
         "VectorAssembler",
         "GBTClassificationModel",
         "IsotonicCalibrationModel",
     ]
-    rows_df, _ = labeled_snapshot(spark, cfg, target="purchase_7d", as_of=EVAL_AS_OF)
-
-    def scores(model):
-        return {
-            r.user_key: (r.raw_score, r.score)
-            for r in model.transform(rows_df).select("user_key", "raw_score", "score").collect()
-        }
-
-    before = scores(report.model)
-    assert len(before) > 20
-    assert scores(loaded) == before
-    ordered = sorted(before.values())
-    assert all(a[1] <= b[1] for a, b in zip(ordered, ordered[1:], strict=False))
+    rows_df, _ = labeled_snapshot(spark, cfg, target="purchase_7d", as_of=E)
+    for model in (report.model, loaded):
+        got = model.transform(rows_df).select("user_key", "score").collect()
+        assert {r.user_key: r.score for r in got} == pytest.approx(GBT_SCORES)
 
 
 def test_evaluation_window_must_be_complete(spark, trained):
     cfg, _ = trained
+    # E + 2d + 7d is after the last event (E + 7d)
     with pytest.raises(ValueError, match="not complete"):
-        train_propensity(spark, cfg, target="purchase_7d", as_of=EVAL_AS_OF + timedelta(days=2))
+        train_propensity(spark, cfg, target="purchase_7d", as_of=E + timedelta(days=2))
 
 
 def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
@@ -345,45 +473,63 @@ def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
         spark,
         root,
         source="propensity",
-        as_of=EVAL_AS_OF - timedelta(days=1),
+        as_of=E - timedelta(days=1),
         run_id="r0",
         members_df=other,
         versions={"propensity_churn_30d_top10": "v-churn"},
     )
-    got = score_propensity(spark, cfg, target="purchase_7d", as_of=EVAL_AS_OF)
-    scores_df = lake.read_table(spark, root, lake.PROPENSITY_SCORES)
-    rows = {r.user_key: r for r in scores_df.collect()}
-    users = len(rows)
-    assert got.users == users and got.version == report.version
-    assert sorted(r.rank for r in rows.values()) == list(range(1, users + 1))
-    top = math.ceil(0.1 * users)
-    by_percentile = {u for u, r in rows.items() if r.percentile > 0.9}
-    assert len(by_percentile) == top == got.members
-    members = membership.members_at(spark, root, "propensity_purchase_7d_top10", EVAL_AS_OF)
-    member_rows = {r.user_key: r for r in members.collect()}
-    assert set(member_rows) == by_percentile
-    for user, r in member_rows.items():
-        assert (r.source, r.definition_version) == ("propensity", report.version)
-        assert r.score == rows[user].score
-    lowest_member = min(rows[u].raw_score for u in by_percentile)
-    assert all(r.raw_score <= lowest_member for u, r in rows.items() if u not in by_percentile)
-    kept = membership.members_at(spark, root, "propensity_churn_30d_top10", EVAL_AS_OF)
+    got = score_propensity(spark, cfg, target="purchase_7d", as_of=E)
+    # ranked by raw score (G1 above G0), ties by user_key; percentile = (8 - rank + 1) / 8
+    rows = lake.read_table(spark, root, lake.PROPENSITY_SCORES).collect()
+    ranked = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"]
+    assert {r.user_key: (r.rank, r.percentile, r.score) for r in rows} == {
+        user: (rank, (9 - rank) / 8, GBT_SCORES[user]) for rank, user in enumerate(ranked, 1)
+    }
+    assert {(r.model_name, r.model_version, r.as_of) for r in rows} == {
+        ("purchase_7d", report.version, E)
+    }
+    # top 25% of 8 users: the first two of G1 by user_key
+    members = membership.members_at(spark, root, "propensity_purchase_7d_top25", E).collect()
+    assert {r.user_key: (r.source, r.definition_version, r.score) for r in members} == {
+        "u1": ("propensity", report.version, HIGH),
+        "u2": ("propensity", report.version, HIGH),
+    }
+    assert (got.users, got.segment_id, got.members, got.entered, got.exited) == (
+        8,
+        "propensity_purchase_7d_top25",
+        2,
+        2,
+        0,
+    )
+    assert got.min_member_score == pytest.approx(HIGH)
+    assert got.mean_score == pytest.approx((4 * HIGH + 4 * LOW) / 8)  # = 1/2
+    assert (got.version, got.features_computed) == (report.version, False)
+    kept = membership.members_at(spark, root, "propensity_churn_30d_top10", E)
     assert [r.user_key for r in kept.collect()] == ["u1"]
     assert got.other_segments_kept == ["propensity_churn_30d_top10"]
     catalog = lake.read_table(spark, root, lake.SEGMENT_CATALOG).filter(
-        F.col("segment_id") == "propensity_purchase_7d_top10"
+        F.col("segment_id") == "propensity_purchase_7d_top25"
     )
-    assert [(r.source, r.size, r.definition_version) for r in catalog.collect()] == [
-        ("propensity", top, report.version)
+    assert [(r.source, r.matched, r.size, r.definition_version) for r in catalog.collect()] == [
+        ("propensity", 2, 2, report.version)
     ]
+
+    # re-running the as-of replaces its 8 score rows and changes no membership: the three
+    # intervals (u1 in the churn segment, u1 and u2 in this one) stay as they are
+    again = score_propensity(spark, cfg, target="purchase_7d", as_of=E)
+    assert (again.users, again.members, again.entered, again.exited) == (8, 2, 2, 0)
+    assert lake.read_table(spark, root, lake.PROPENSITY_SCORES).count() == 8
+    assert lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP).count() == 3
 
     # BI tools without Spark read the same tables (the deltalake package)
     from deltalake import DeltaTable
 
     scores = DeltaTable(lake.table_path(root, lake.PROPENSITY_SCORES)).to_pandas()
-    assert sorted(scores["rank"]) == list(range(1, users + 1))
-    registry = DeltaTable(lake.table_path(root, lake.MODEL_REGISTRY)).to_pandas()
-    assert [(r.kind, r.version) for r in registry.itertuples()] == [("propensity", report.version)]
+    assert sorted(scores["rank"]) == [1, 2, 3, 4, 5, 6, 7, 8]
+    registry_df = DeltaTable(lake.table_path(root, lake.MODEL_REGISTRY)).to_pandas()
+    assert [(r.kind, r.version) for r in registry_df.itertuples()] == [
+        ("propensity", report.version)
+    ]
 
 
 def test_model_path_is_under_the_lake(trained):
@@ -415,17 +561,5 @@ def test_generated_shop_end_to_end(spark, tmp_path, key_env):
         datetime(2026, 9, 22),
     ]
     assert report.metrics["gbt"]["roc_auc"] > 0.6  # the personas differ in buying: signal
-    assert 0 < report.metrics["gbt"]["log_loss"] < 1
     scored = score_propensity(spark, cfg, target="purchase_7d", as_of=datetime(2026, 10, 6))
-    assert scored.features_computed and scored.members == math.ceil(0.1 * scored.users)
-    # re-running the as-of replaces its rows and changes no membership
-    intervals = lake.read_table(spark, cfg.lake.root, lake.SEGMENT_MEMBERSHIP).count()
-    again = score_propensity(spark, cfg, target="purchase_7d", as_of=datetime(2026, 10, 6))
-    assert not again.features_computed
-    assert (again.users, again.members, again.entered) == (
-        scored.users,
-        scored.members,
-        scored.entered,
-    )
-    assert lake.read_table(spark, cfg.lake.root, lake.PROPENSITY_SCORES).count() == scored.users
-    assert lake.read_table(spark, cfg.lake.root, lake.SEGMENT_MEMBERSHIP).count() == intervals
+    assert scored.features_computed  # no snapshot as of 2026-10-06 before

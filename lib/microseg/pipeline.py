@@ -52,10 +52,9 @@ def _max(spark: SparkSession, cfg: Config, table: lake.Table, column: str, where
 
 
 def _has_model(spark: SparkSession, cfg: Config, kind: str, name: str) -> bool:
-    if not lake.table_exists(spark, cfg.lake.root, lake.MODEL_REGISTRY):
-        return False
-    registry_df = lake.read_table(spark, cfg.lake.root, lake.MODEL_REGISTRY)
-    return registry_df.filter((F.col("kind") == kind) & (F.col("model_name") == name)).count() > 0
+    from microseg.ml import registry
+
+    return registry.exists(spark, cfg.lake.root, name, kind=kind)
 
 
 # --------------------------------------------------------------------------------------
