@@ -472,7 +472,7 @@ def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
     membership.write_membership(
         spark,
         root,
-        source="propensity",
+        scope=membership.Scope("propensity", "churn_30d"),
         as_of=E - timedelta(days=1),
         run_id="r0",
         members_df=other,
@@ -506,7 +506,6 @@ def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
     assert (got.version, got.features_computed) == (report.version, False)
     kept = membership.members_at(spark, root, "propensity_churn_30d_top10", E)
     assert [r.user_key for r in kept.collect()] == ["u1"]
-    assert got.other_segments_kept == ["propensity_churn_30d_top10"]
     catalog = lake.read_table(spark, root, lake.SEGMENT_CATALOG).filter(
         F.col("segment_id") == "propensity_purchase_7d_top25"
     )

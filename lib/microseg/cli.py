@@ -243,13 +243,15 @@ def _cluster(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.serving.console import print_cluster_assign, print_cluster_train
 
     spark = _spark(cfg, f"cluster-{args.action}")
-    with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of):
+    with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
             result = clustering.train_clusters(
-                spark, cfg, as_of=args.as_of, ground_truth=args.ground_truth
+                spark, cfg, as_of=args.as_of, ground_truth=args.ground_truth, run_id=run.run_id
             )
         else:
-            result = clustering.assign_clusters(spark, cfg, as_of=args.as_of, version=args.version)
+            result = clustering.assign_clusters(
+                spark, cfg, as_of=args.as_of, version=args.version, run_id=run.run_id
+            )
     (print_cluster_train if args.action == "train" else print_cluster_assign)(result)
     return 0
 
@@ -273,13 +275,20 @@ def _propensity(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ml import propensity
 
     spark = _spark(cfg, f"propensity-{args.action}")
-    with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of):
+    with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
-            result = propensity.train_propensity(spark, cfg, target=args.target, as_of=args.as_of)
+            result = propensity.train_propensity(
+                spark, cfg, target=args.target, as_of=args.as_of, run_id=run.run_id
+            )
             text = propensity.format_train_report(result)
         else:
             result = propensity.score_propensity(
-                spark, cfg, target=args.target, as_of=args.as_of, version=args.version
+                spark,
+                cfg,
+                target=args.target,
+                as_of=args.as_of,
+                version=args.version,
+                run_id=run.run_id,
             )
             text = propensity.format_score_report(result)
     print(text)

@@ -151,8 +151,8 @@ def _clusters(spark, cfg, as_of):
     name = cfg.cluster.model_name
     if not _has_model(spark, cfg, "cluster", name):
         return "skipped", None, f"no cluster model '{name}' yet: microseg cluster train --as-of T"
-    with recorded(spark, cfg, job="cluster assign", as_of=as_of):
-        report = assign_clusters(spark, cfg, as_of=as_of)
+    with recorded(spark, cfg, job="cluster assign", as_of=as_of) as run:
+        report = assign_clusters(spark, cfg, as_of=as_of, run_id=run.run_id)
     return "done", report.users, f"model version {report.version}"
 
 
@@ -164,8 +164,8 @@ def _propensity(spark, cfg, as_of):
         if not _has_model(spark, cfg, "propensity", target):
             details.append(f"{target}: no model (microseg propensity train --target {target})")
             continue
-        with recorded(spark, cfg, job="propensity score", as_of=as_of):
-            report = score_propensity(spark, cfg, target=target, as_of=as_of)
+        with recorded(spark, cfg, job="propensity score", as_of=as_of) as run:
+            report = score_propensity(spark, cfg, target=target, as_of=as_of, run_id=run.run_id)
         done.append(target)
         rows += report.users
         details.append(f"{target}: version {report.version}")

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -15,16 +13,19 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.features.user_features import select_features
 from microseg.ml import registry
 from microseg.ml.clustering.fit import KScore, fit_clusters
 from microseg.ml.clustering.matching import stable_number
-from microseg.ml.clustering.naming import feature_label as _label  # _write_catalog
+from microseg.ml.clustering.naming import feature_label as _label
 from microseg.ml.clustering.pipeline import check_config, fill_rules
 from microseg.ml.clustering.quality import persona_ari
 from microseg.ml.clustering.steps import DISTANCE, SEGMENT_ID
 from microseg.segments import membership
+from microseg.segments.catalog import CatalogRow, write_catalog
+from microseg.segments.membership import Scope
 
 SOURCE = "cluster"
 KIND = "cluster"
@@ -88,10 +89,16 @@ def _require_columns(features_df: DataFrame, needed: list[str], as_of: datetime)
 
 
 def train_clusters(
-    spark: SparkSession, cfg: Config, *, as_of: datetime, ground_truth: str | None = None
+    spark: SparkSession,
+    cfg: Config,
+    *,
+    as_of: datetime,
+    ground_truth: str | None = None,
+    run_id: str | None = None,
 ) -> ClusterTrainReport:
     """Train a new version on gold/user_features as of `as_of`, save its PipelineModel and
-    append its gold/model_registry row. ground_truth: a generator's users.csv, for the ARI."""
+    append its gold/model_registry row (under `run_id`). ground_truth: a generator's
+    users.csv, for the ARI."""
     started = time.monotonic()
     settings = cfg.cluster
     root = cfg.lake.root
@@ -125,7 +132,7 @@ def train_clusters(
     version = registry.new_version(trained_at)
     path = lake.model_path(root, settings.model_name, version)
     fitted.model.write().overwrite().save(path)
-    run_id = uuid.uuid4().hex
+    run_id = run_id or new_run_id()
     seconds = round(time.monotonic() - started, 3)
     metrics = {"k": float(fitted.k), "wcss": fitted.wcss, "users": float(fitted.users)}
     if fitted.silhouette is not None:
@@ -192,11 +199,16 @@ def train_clusters(
 
 
 def assign_clusters(
-    spark: SparkSession, cfg: Config, *, as_of: datetime, version: str | None = None
+    spark: SparkSession,
+    cfg: Config,
+    *,
+    as_of: datetime,
+    version: str | None = None,
+    run_id: str | None = None,
 ) -> ClusterAssignReport:
     """Assign every user with features as of `as_of` to a cluster of the latest (or the
-    given) model version and record it in gold/segment_membership (source "cluster", score =
-    distance to the cluster centre) and gold/segment_catalog."""
+    given) model version and record it in gold/segment_membership (scope: source "cluster",
+    the model name; score = distance to the cluster centre) and gold/segment_catalog."""
     root = cfg.lake.root
     as_of = _naive_utc(as_of)
     entry = registry.get(spark, root, cfg.cluster.model_name, kind=KIND, version=version)
@@ -213,17 +225,19 @@ def assign_clusters(
         F.col(DISTANCE).alias("score"),
         F.lit(False).alias("fallback"),
     )
-    run_id = uuid.uuid4().hex
+    run_id = run_id or new_run_id()
+    scope = Scope(SOURCE, cfg.cluster.model_name)
     profiles = {p["segment_id"]: p for p in details["profiles"]}
     stats = membership.write_membership(
         spark,
         root,
-        source=SOURCE,
+        scope=scope,
         as_of=as_of,
         run_id=run_id,
         members_df=members_df,
         versions={sid: entry.version for sid in profiles},
     )
+    overlaps = membership.overlap(spark, root, as_of=as_of)
     results = []
     for sid, profile in sorted(profiles.items()):
         stat = stats.get(sid)
@@ -254,7 +268,23 @@ def assign_clusters(
                     status="retired",
                 )
             )
-    _write_catalog(spark, root, entry, profiles, results, as_of=as_of, run_id=run_id)
+    write_catalog(
+        spark,
+        root,
+        [
+            _catalog_row(
+                scope,
+                entry,
+                profiles.get(r.segment_id),
+                r,
+                stats,
+                overlaps,
+                as_of=as_of,
+                run_id=run_id,
+            )
+            for r in results
+        ],
+    )
     return ClusterAssignReport(
         run_id=run_id,
         as_of=as_of,
@@ -265,67 +295,48 @@ def assign_clusters(
     )
 
 
-def _write_catalog(
-    spark: SparkSession,
-    root: str,
-    entry,
-    profiles: dict[str, dict],
-    results: list[ClusterResult],
+def _catalog_row(
+    scope: Scope,
+    entry: registry.RegistryEntry,
+    profile: dict | None,
+    result: ClusterResult,
+    stats: dict[str, membership.SegmentStats],
+    overlaps: dict[str, dict[str, float]],
     *,
     as_of: datetime,
     run_id: str,
-) -> None:
-    """One gold/segment_catalog row per cluster (and per cluster retired by this version)."""
-    overlaps = membership.overlap(spark, root, as_of=as_of)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    rows = []
-    for result in results:
-        profile = profiles.get(result.segment_id)
-        top = ", ".join(
-            f"{t['direction']} {_label(t['feature'])}"
-            for t in (profile or {}).get("top_features", [])
-        )
-        definition = (
-            {
-                "model_name": entry.model_name,
-                "version": entry.version,
-                "cluster_id": profile["stable_id"],
-                "top_features": profile["top_features"],
-                "mean": profile["mean"],
-                "median": profile["median"],
-            }
-            if profile
-            else {}
-        )
-        rows.append(
-            {
-                "as_of": as_of,
-                "source": SOURCE,
-                "segment_id": result.segment_id,
-                "name": result.name,
-                "description": f"Cluster {result.cluster_id} of model {entry.model_name}: {top}"
-                if profile
-                else f"no longer a cluster of model {entry.model_name} version {entry.version}",
-                "tags": ["cluster", entry.model_name],
-                "definition": json.dumps(definition, sort_keys=True),
-                "definition_version": entry.version,
-                "parent": None,
-                "exclusive_group": f"cluster_{entry.model_name}",
-                "priority": None,
-                "min_size": None,
-                "matched": result.size,
-                "size": result.size,
-                "status": result.status,
-                "status_reason": None
-                if result.status == "active"
-                else f"not a cluster of version {entry.version}",
-                "previous_size": result.previous_size,
-                "entered": result.entered,
-                "exited": result.exited,
-                "stability": result.stability,
-                "overlap": overlaps.get(result.segment_id) if result.size else None,
-                "run_id": run_id,
-                "recorded_at": now,
-            }
-        )
-    membership.write_catalog(spark, root, rows)
+) -> CatalogRow:
+    """The gold/segment_catalog row of a cluster (or of one this version retired)."""
+    if profile is None:
+        definition: dict = {}
+        description = f"no longer a cluster of model {entry.model_name} version {entry.version}"
+    else:
+        definition = {
+            "model_name": entry.model_name,
+            "version": entry.version,
+            "cluster_id": profile["stable_id"],
+            "top_features": profile["top_features"],
+            "mean": profile["mean"],
+            "median": profile["median"],
+        }
+        top = ", ".join(f"{t['direction']} {_label(t['feature'])}" for t in profile["top_features"])
+        description = f"Cluster {result.cluster_id} of model {entry.model_name}: {top}"
+    return CatalogRow.of(
+        scope,
+        result.segment_id,
+        stats.get(result.segment_id),
+        as_of=as_of,
+        run_id=run_id,
+        definition=definition,
+        overlaps=overlaps,
+        name=result.name,
+        description=description,
+        tags=("cluster", entry.model_name),
+        definition_version=entry.version,
+        exclusive_group=f"cluster_{entry.model_name}",
+        matched=result.size,
+        status=result.status,
+        status_reason=None
+        if result.status == "active"
+        else f"not a cluster of version {entry.version}",
+    )

@@ -3,23 +3,24 @@ gold/propensity_scores, and the top share published as the target's segment."""
 
 from __future__ import annotations
 
-import json
 import math
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 
 from pyspark.ml import PipelineModel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import SparkSession, Window
 from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config, PropensityConfig
+from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.ml import registry
 from microseg.ml.propensity.labels import ensure_snapshots, naive_utc
 from microseg.ml.propensity.targets import RAW_SCORE, SCORE, SOURCE, segment_id, target_spec
 from microseg.segments import membership
+from microseg.segments.catalog import CatalogRow, write_catalog
+from microseg.segments.membership import Scope
 
 
 def load_model(
@@ -44,7 +45,6 @@ class PropensityScoreReport:
     entered: int
     exited: int
     features_computed: bool
-    other_segments_kept: list[str] = field(default_factory=list)
 
 
 def score_propensity(
@@ -54,9 +54,11 @@ def score_propensity(
     target: str,
     as_of: datetime,
     version: str | None = None,
+    run_id: str | None = None,
 ) -> PropensityScoreReport:
     """Score every user with features at as_of, replace the target's rows of that as-of in
-    gold/propensity_scores, and publish the top share as segment `segment_id(target, ...)`."""
+    gold/propensity_scores, and publish the top share as segment `segment_id(target, ...)`
+    (scope: source "propensity", the target; other targets' segments are left as they are)."""
     root = cfg.lake.root
     spec = target_spec(cfg, target)
     as_of = naive_utc(as_of)
@@ -65,7 +67,7 @@ def score_propensity(
     features = row.params["features"]
     computed = bool(ensure_snapshots(spark, cfg, [as_of]))
     features_df = snapshots.snapshot(spark, cfg.lake.root, as_of, columns=features, require=False)
-    run_id = uuid.uuid4().hex
+    run_id = run_id or new_run_id()
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
     ranked_df = (
         model.transform(features_df)
@@ -109,24 +111,38 @@ def score_propensity(
     members_df = ranked_df.filter(F.col("rank") <= top).select(
         "user_key", F.lit(segment).alias("segment_id"), SCORE, F.lit(False).alias("fallback")
     )
-    versions = {segment: row.version}
-    others_df, other_versions = _other_segments(spark, root, target, as_of)
-    if other_versions:
-        members_df = members_df.unionByName(others_df)
-        versions.update(other_versions)
+    scope = Scope(SOURCE, target)
     stats = membership.write_membership(
         spark,
         root,
-        source=SOURCE,
+        scope=scope,
         as_of=as_of,
         run_id=run_id,
         members_df=members_df,
-        versions=versions,
+        versions={segment: row.version},
     )
     min_score = ranked_df.filter(F.col("rank") <= top).agg(F.min(SCORE)).first()[0]
     ranked_df.unpersist()
     stat = stats.get(segment)
-    _write_catalog(spark, cfg, spec, target, segment, row.version, as_of, run_id, stat, top)
+    write_catalog(
+        spark,
+        root,
+        [
+            _catalog_row(
+                cfg,
+                spec,
+                scope,
+                segment,
+                row.version,
+                stats,
+                membership.overlap(spark, root, as_of=as_of),
+                top,
+                as_of=as_of,
+                run_id=run_id,
+            )
+        ],
+        update_unchanged=True,
+    )
     return PropensityScoreReport(
         run_id=run_id,
         target=target,
@@ -140,78 +156,46 @@ def score_propensity(
         entered=stat.entered if stat else 0,
         exited=stat.exited if stat else 0,
         features_computed=computed,
-        other_segments_kept=sorted(other_versions),
     )
 
 
-def _other_segments(
-    spark: SparkSession, root: str, target: str, as_of: datetime
-) -> tuple[DataFrame | None, dict[str, str]]:
-    """Members valid at as_of of the other targets' propensity segments, so that one target's
-    run leaves them as they are (write_membership retires segments of the source it is not
-    given)."""
-    if not lake.table_exists(spark, root, lake.SEGMENT_MEMBERSHIP):
-        return None, {}
-    mine = f"propensity_{target}_top"
-    current_df = (
-        lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP)
-        .filter((F.col("source") == SOURCE) & membership.valid_at(as_of))
-        .filter(~F.col("segment_id").startswith(mine))
-    )
-    versions = {
-        r.segment_id: r.definition_version
-        for r in current_df.select("segment_id", "definition_version").distinct().collect()
-    }
-    return (
-        current_df.select("user_key", "segment_id", "score", F.lit(False).alias("fallback")),
-        versions,
-    )
-
-
-def _write_catalog(
-    spark: SparkSession,
+def _catalog_row(
     cfg: Config,
     spec: PropensityConfig.Target,
-    target: str,
+    scope: Scope,
     segment: str,
     version: str,
+    stats: dict[str, membership.SegmentStats],
+    overlaps: dict[str, dict[str, float]],
+    matched: int,
+    *,
     as_of: datetime,
     run_id: str,
-    stat: membership.SegmentStats | None,
-    matched: int,
-) -> None:
+) -> CatalogRow:
+    """The gold/segment_catalog row of the target's top-share segment."""
     share = cfg.propensity.top_share
     what = "likely buyers" if spec.kind == "purchase" else "churn risk among buyers"
     days = spec.horizon.total_seconds() / 86400
-    row = {
-        "as_of": as_of,
-        "source": SOURCE,
-        "segment_id": segment,
-        "name": f"{what.capitalize()}, next {days:g} days (top {share:.0%})",
-        "description": (
-            f"Top {share:.1%} of users by calibrated {target} propensity "
+    return CatalogRow.of(
+        scope,
+        segment,
+        stats.get(segment),
+        as_of=as_of,
+        run_id=run_id,
+        definition={
+            "target": scope.name,
+            "kind": spec.kind,
+            "horizon_days": days,
+            "top_share": share,
+        },
+        overlaps=overlaps,
+        name=f"{what.capitalize()}, next {days:g} days (top {share:.0%})",
+        description=(
+            f"Top {share:.1%} of users by calibrated {scope.name} propensity "
             f"({spec.kind} within {days:g} days of the as-of time)"
         ),
-        "tags": ["propensity", target],
-        "definition": json.dumps(
-            {"target": target, "kind": spec.kind, "horizon_days": days, "top_share": share},
-            sort_keys=True,
-        ),
-        "definition_version": version,
-        "parent": None,
-        "exclusive_group": None,
-        "priority": None,
-        "min_size": None,
-        "matched": matched,
-        "size": stat.size if stat else 0,
-        "status": "active",
-        "status_reason": None,
-        "previous_size": stat.previous_size if stat else None,
-        "entered": stat.entered if stat else 0,
-        "exited": stat.exited if stat else 0,
-        "stability": stat.stability if stat else None,
-        "overlap": membership.overlap(spark, cfg.lake.root, as_of=as_of).get(segment),
-        "run_id": run_id,
-        "recorded_at": datetime.now(timezone.utc).replace(tzinfo=None),
-    }
-    membership.write_catalog(spark, cfg.lake.root, [row], update_unchanged=True)
+        tags=("propensity", scope.name),
+        definition_version=version,
+        matched=matched,
+        status="active",
+    )

@@ -4,7 +4,6 @@ evaluation against the baselines, and the registry entry."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config, PropensityConfig
+from microseg.core.runs import new_run_id
 from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
 from microseg.ml.propensity.labels import (
@@ -201,10 +201,10 @@ def calibrate_and_evaluate(
 
 
 def train_propensity(
-    spark: SparkSession, cfg: Config, *, target: str, as_of: datetime
+    spark: SparkSession, cfg: Config, *, target: str, as_of: datetime, run_id: str | None = None
 ) -> PropensityTrainReport:
-    """Train, calibrate, evaluate and register a propensity model; `as_of` is the evaluation
-    snapshot, the training snapshots lie before it (see the package docstring)."""
+    """Train, calibrate, evaluate and register a propensity model (under `run_id`); `as_of` is
+    the evaluation snapshot, the training snapshots lie before it (see the package docstring)."""
     started = time.monotonic()
     root = cfg.lake.root
     settings = cfg.propensity
@@ -275,7 +275,7 @@ def train_propensity(
     beats, verdict = compare_to_baselines(metrics)
     gbt_model = best.stages[-1]
     report = PropensityTrainReport(
-        run_id=uuid.uuid4().hex,
+        run_id=run_id or new_run_id(),
         target=target,
         kind=spec.kind,
         horizon=spec.horizon,
