@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pyspark.sql import functions as F
 
+from microseg.core import lake
 from microseg.core.config import Config, load_config
 from microseg.core.jars import kafka_connector_jars
 from microseg.core.spark import build_spark
@@ -84,3 +86,27 @@ def sources_dir(tmp_path) -> Path:
     target = tmp_path / "sources"
     shutil.copytree(ROOT / "conf" / "sources", target)
     return target
+
+
+def lineage(spark, root: str) -> dict[str, set[str]]:
+    """Per table with rows, the jobs (from ops/runs) of the run ids its rows carry; a run id
+    that ops/runs lacks shows as "missing"."""
+    runs_df = lake.read_table(spark, root, lake.RUNS).select("run_id", "job")
+    found = {}
+    for table in lake.ALL_TABLES:
+        if table is lake.RUNS or not lake.table_exists(spark, root, table):
+            continue
+        column = next((c for c in ("run_id", "ingest_run_id") if c in table.schema.names), None)
+        rows_df = lake.read_table(spark, root, table)
+        if column is None or rows_df.limit(1).count() == 0:
+            continue
+        jobs = (
+            rows_df.select(F.col(column).alias("run_id"))
+            .distinct()
+            .join(runs_df, on="run_id", how="left")
+            .select(F.coalesce("job", F.lit("missing")).alias("job"))
+            .distinct()
+            .collect()
+        )
+        found[table.name] = {r.job for r in jobs}
+    return found

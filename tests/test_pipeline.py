@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pyspark.sql import functions as F
-from tests.conftest import DATA
+from tests.conftest import DATA, lineage
 from tests.test_cli import job_args
 
 from microseg.cli import main
@@ -74,30 +73,6 @@ def test_pipeline_runs_skips_and_resumes(spark, tmp_path, capsys):
         "gold/segment_changes": {"segments run"},
         "gold/segment_catalog": {"segments run"},
     }
-
-
-def lineage(spark, root: str) -> dict[str, set[str]]:
-    """Per table with rows, the jobs (from ops/runs) of the run ids its rows carry; a run id
-    that ops/runs lacks shows as "missing"."""
-    runs_df = lake.read_table(spark, root, lake.RUNS).select("run_id", "job")
-    found = {}
-    for table in lake.ALL_TABLES:
-        if table is lake.RUNS or not lake.table_exists(spark, root, table):
-            continue
-        column = next((c for c in ("run_id", "ingest_run_id") if c in table.schema.names), None)
-        rows_df = lake.read_table(spark, root, table)
-        if column is None or rows_df.limit(1).count() == 0:
-            continue
-        jobs = (
-            rows_df.select(F.col(column).alias("run_id"))
-            .distinct()
-            .join(runs_df, on="run_id", how="left")
-            .select(F.coalesce("job", F.lit("missing")).alias("job"))
-            .distinct()
-            .collect()
-        )
-        found[table.name] = {r.job for r in jobs}
-    return found
 
 
 @pytest.mark.parametrize("as_of", ["yesterday"])

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
-from tests.conftest import make_config
+from tests.conftest import lineage, make_config
 from tests.test_sessions import ev, events_df, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
+from microseg.core.runs import recorded
 from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
 from microseg.ml.propensity.labels import labeled_snapshot, training_snapshots, with_labels
@@ -553,12 +554,27 @@ def test_generated_shop_end_to_end(spark, tmp_path, key_env):
     generate(cfg.generate, tmp_path / "gen")
     run_ingest(spark, cfg, source="synthetic", path=str(tmp_path / "gen" / "events"))
     as_of = datetime(2026, 9, 29)  # events run to 2026-10-06 23:59: the last complete week
-    report = train_propensity(spark, cfg, target="purchase_7d", as_of=as_of)
+    with recorded(spark, cfg, job="propensity train", as_of=as_of) as run:
+        report = train_propensity(spark, cfg, target="purchase_7d", as_of=as_of, run_id=run.run_id)
     assert report.training_as_of == [
         datetime(2026, 9, 8),
         datetime(2026, 9, 15),
         datetime(2026, 9, 22),
     ]
     assert report.metrics["gbt"]["roc_auc"] > 0.6  # the personas differ in buying: signal
-    scored = score_propensity(spark, cfg, target="purchase_7d", as_of=datetime(2026, 10, 6))
+    with recorded(spark, cfg, job="propensity score") as run:
+        scored = score_propensity(
+            spark, cfg, target="purchase_7d", as_of=datetime(2026, 10, 6), run_id=run.run_id
+        )
     assert scored.features_computed  # no snapshot as of 2026-10-06 before
+    # every row joins to the run that wrote it (the ingest ran outside recorded(): no run)
+    jobs = lineage(spark, cfg.lake.root)
+    del jobs["bronze/events"], jobs["ops/ingested_files"]
+    assert jobs == {
+        "gold/user_features": {"propensity train", "propensity score"},
+        "gold/model_registry": {"propensity train"},
+        "gold/propensity_scores": {"propensity score"},
+        "gold/segment_membership": {"propensity score"},
+        "gold/segment_changes": {"propensity score"},
+        "gold/segment_catalog": {"propensity score"},
+    }

@@ -148,9 +148,12 @@ def naive_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
 
-def ensure_snapshots(spark: SparkSession, cfg: Config, as_ofs: list[datetime]) -> list[datetime]:
-    """Compute with features.run_features the as-ofs that gold/user_features lacks (one query
-    finds them); return those computed. Existing snapshots are reused as they are."""
+def ensure_snapshots(
+    spark: SparkSession, cfg: Config, as_ofs: list[datetime], *, run_id: str | None = None
+) -> list[datetime]:
+    """Compute with features.run_features (under `run_id`, the caller's run) the as-ofs that
+    gold/user_features lacks (one query finds them); return those computed. Existing
+    snapshots are reused as they are."""
     root = cfg.lake.root
     present: set[datetime] = set()
     if lake.table_exists(spark, root, lake.USER_FEATURES):
@@ -168,7 +171,7 @@ def ensure_snapshots(spark: SparkSession, cfg: Config, as_ofs: list[datetime]) -
     computed = []
     for as_of in as_ofs:
         if as_of not in present:
-            run_features(spark, cfg, as_of=as_of)
+            run_features(spark, cfg, as_of=as_of, run_id=run_id)
             computed.append(as_of)
     return computed
 

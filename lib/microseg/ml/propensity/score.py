@@ -65,9 +65,9 @@ def score_propensity(
     row = registry.get(spark, root, target, kind=SOURCE, version=version)
     model = PipelineModel.load(row.path)
     features = row.params["features"]
-    computed = bool(ensure_snapshots(spark, cfg, [as_of]))
-    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of, columns=features, require=False)
     run_id = run_id or new_run_id()
+    computed = bool(ensure_snapshots(spark, cfg, [as_of], run_id=run_id))
+    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of, columns=features, require=False)
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
     ranked_df = (
         model.transform(features_df)

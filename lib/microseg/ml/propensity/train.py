@@ -206,6 +206,7 @@ def train_propensity(
     """Train, calibrate, evaluate and register a propensity model (under `run_id`); `as_of` is
     the evaluation snapshot, the training snapshots lie before it (see the package docstring)."""
     started = time.monotonic()
+    run_id = run_id or new_run_id()
     root = cfg.lake.root
     settings = cfg.propensity
     spec = target_spec(cfg, target)
@@ -219,7 +220,7 @@ def train_propensity(
         interval=settings.snapshot_interval,
         count=settings.snapshots,
     )
-    computed = ensure_snapshots(spark, cfg, plan.every)
+    computed = ensure_snapshots(spark, cfg, plan.every, run_id=run_id)
     with persisted(_labeled_rows(spark, cfg, target, plan, features)) as all_df:
         snapshots = _snapshot_counts(all_df, plan, target)
         fit_rows = sum(s["rows"] for s in snapshots if s["role"] == "fit")
@@ -275,7 +276,7 @@ def train_propensity(
     beats, verdict = compare_to_baselines(metrics)
     gbt_model = best.stages[-1]
     report = PropensityTrainReport(
-        run_id=run_id or new_run_id(),
+        run_id=run_id,
         target=target,
         kind=spec.kind,
         horizon=spec.horizon,
