@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.core.runs import recorded
 from microseg.features import snapshots
@@ -36,10 +37,6 @@ class StageResult:
     rows: int | None
     seconds: float
     detail: str
-
-
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
 
 def _max(spark: SparkSession, cfg: Config, table: lake.Table, column: str, where=None):
@@ -190,7 +187,7 @@ def run_pipeline(
     progress: Callable[[StageResult | str], None] = lambda event: None,
 ) -> list[StageResult]:
     """Run every stage in order; raise PipelineError naming the stage that failed."""
-    as_of = _naive_utc(as_of)
+    as_of = naive_utc(as_of)
     results: list[StageResult] = []
     with recorded(spark, cfg, job="pipeline", as_of=as_of):
         for name, stage in STAGES:

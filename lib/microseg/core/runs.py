@@ -15,13 +15,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc, utc_now
 from microseg.core.config import Config
 
 log = logging.getLogger("microseg")
@@ -63,10 +64,6 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
 def table_versions(spark: SparkSession, root: str) -> dict[str, int]:
     """Latest Delta version of every lake table that exists (ops/runs itself excluded)."""
     versions = {}
@@ -102,10 +99,8 @@ def recorded(
     record = RunRecord(
         run_id=new_run_id(),
         job=job,
-        as_of=as_of.astimezone(timezone.utc).replace(tzinfo=None)
-        if as_of is not None and as_of.tzinfo
-        else as_of,
-        started_at=_now(),
+        as_of=None if as_of is None else naive_utc(as_of),
+        started_at=utc_now(),
     )
     before = table_versions(spark, root)
     try:
@@ -116,7 +111,7 @@ def recorded(
         record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:1000]}"[:1100]
         raise
     finally:
-        record.ended_at = _now()
+        record.ended_at = utc_now()
         try:
             after = table_versions(spark, root)
             for name, version in after.items():

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import utc_now
 from microseg.segments.membership import Scope, SegmentStats
 
 # a row whose values in these columns are unchanged keeps its first run_id
 _COMPARED = ("definition_version", "matched", "size", "status", "entered", "exited")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class CatalogRow:
     previous_size: int | None = None
     stability: float | None = None
     overlap: dict[str, float] | None = None
-    recorded_at: datetime = field(default_factory=_now)
+    recorded_at: datetime = field(default_factory=utc_now)
 
     @classmethod
     def of(

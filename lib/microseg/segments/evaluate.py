@@ -19,13 +19,14 @@ and overlap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
@@ -222,10 +223,6 @@ def held_back(
     )
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
-
-
 def run_segments(
     spark: SparkSession,
     cfg: Config,
@@ -237,7 +234,7 @@ def run_segments(
     """Evaluate every rule segment of the file as of `as_of` and publish the members (scope:
     source rule, the file's name). `run_id`: the ops/runs row this run writes under."""
     root = cfg.lake.root
-    as_of = _naive_utc(as_of)
+    as_of = naive_utc(as_of)
     run_id = run_id or new_run_id()
     catalog = load_segments(cfg, path)
     scope = Scope(SOURCE, catalog.name)

@@ -12,6 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
@@ -75,10 +76,6 @@ class ClusterAssignReport:
     clusters: list[ClusterResult] = field(default_factory=list)
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
-
-
 def _require_columns(features_df: DataFrame, needed: list[str], as_of: datetime) -> None:
     missing = [c for c in needed if c not in features_df.columns]
     if missing:
@@ -103,7 +100,7 @@ def train_clusters(
     settings = cfg.cluster
     root = cfg.lake.root
     features = check_config(cfg)
-    as_of = _naive_utc(as_of)
+    as_of = naive_utc(as_of)
     available = {f.name for f in select_features(cfg.features.include)}
     fill = fill_rules(features, available)
     features_df = snapshots.snapshot(spark, cfg.lake.root, as_of)
@@ -210,7 +207,7 @@ def assign_clusters(
     given) model version and record it in gold/segment_membership (scope: source "cluster",
     the model name; score = distance to the cluster centre) and gold/segment_catalog."""
     root = cfg.lake.root
-    as_of = _naive_utc(as_of)
+    as_of = naive_utc(as_of)
     entry = registry.get(spark, root, cfg.cluster.model_name, kind=KIND, version=version)
     details = entry.details
     model = PipelineModel.load(entry.path)

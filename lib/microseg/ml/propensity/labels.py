@@ -4,12 +4,13 @@ the events in [T, T + horizon) only; the snapshots a training uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.features import snapshots
 from microseg.features.user_features import keyed_events_before, run_features
@@ -142,10 +143,6 @@ def plan_snapshots(
         evaluation=evaluation_as_of,
         skipped=[(t, "no events before it") for t in candidates if t <= first_event],
     )
-
-
-def naive_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
 
 def ensure_snapshots(

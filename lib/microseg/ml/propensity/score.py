@@ -12,11 +12,12 @@ from pyspark.sql import SparkSession, Window
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config, PropensityConfig
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.ml import registry
-from microseg.ml.propensity.labels import ensure_snapshots, naive_utc
+from microseg.ml.propensity.labels import ensure_snapshots
 from microseg.ml.propensity.targets import RAW_SCORE, SCORE, SOURCE, segment_id, target_spec
 from microseg.segments import membership
 from microseg.segments.catalog import CatalogRow, write_catalog

@@ -16,6 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.clock import naive_utc
 from microseg.core.config import Config, PropensityConfig
 from microseg.core.runs import new_run_id
 from microseg.ml import registry
@@ -24,7 +25,6 @@ from microseg.ml.propensity.labels import (
     SnapshotPlan,
     ensure_snapshots,
     labeled_snapshot,
-    naive_utc,
     plan_snapshots,
 )
 from microseg.ml.propensity.metrics import compare_to_baselines, evaluate_scores
