@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
-from tests.conftest import DATA, SHARED_DATA, make_config
+from tests.conftest import DATA, ROOT, SHARED_DATA, make_config
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
+from microseg.ingest.canonical import REASONS, Check, checks_for
 from microseg.ingest.files import run_ingest
-from microseg.ingest.sources import SourceFormatError
+from microseg.ingest.sources import SourceFormatError, load_source
 
 NOW = datetime(2026, 10, 1, tzinfo=timezone.utc)
 
@@ -234,6 +235,29 @@ def test_valid_records_become_canonical_events(spark, cfg, bad_input_report):
     assert_df_equality(
         got, expected, ignore_row_order=True, ignore_nullable=True, ignore_metadata=True
     )
+
+
+def test_checks_of_a_mapping_run_in_the_order_of_reasons(spark):
+    mapping = load_source(ROOT / "conf" / "sources", "synthetic")
+    checks = checks_for(mapping, event_types=("page_view",), earliest=utc(2000, 1, 1), latest=NOW)
+    assert [check.reason for check in checks] == [
+        "malformed_record",
+        *["missing_required_field"] * 4,  # event_time, event_type, event_id, a user key
+        "unparseable_timestamp",
+        "timestamp_out_of_range",
+        "future_timestamp",
+        "unknown_event_type",
+        *["wrong_type"] * 4,  # price, quantity, consent_analytics, consent_marketing
+        *["impossible_value"] * 4,  # price not finite, price negative, quantity, currency
+    ]
+    order = list(REASONS)
+    positions = [order.index(check.reason) for check in checks]
+    assert positions == sorted(positions)
+
+
+def test_a_check_names_a_known_reason(spark):
+    with pytest.raises(ValueError, match="unknown quarantine reason 'bad_value'"):
+        Check("bad_value", F.lit(True), F.lit("a message"))
 
 
 def test_personal_fields_are_pseudonymized_with_the_key(spark, cfg, bad_input_report):

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 from microseg.cli import COMMANDS
 from microseg.core.lake import ALL_TABLES
-from microseg.ingest.files import REASONS
+from microseg.ingest.canonical import REASONS
 
 README = (ROOT / "README.md").read_text()
 

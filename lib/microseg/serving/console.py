@@ -7,7 +7,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from microseg.ingest.files import REASONS, IngestReport
+from microseg.ingest.canonical import REASONS
+from microseg.ingest.files import IngestReport
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 

@@ -1,0 +1,114 @@
+"""Reading the report's data from the lake: small Spark aggregates, collected to pandas.
+
+The lake is only read; a missing table gives None (its section then says which command fills
+it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from microseg.core import lake
+
+MAX_RUNS = 2000  # the latest runs drawn in the run history
+
+
+@dataclass
+class TableVersion:
+    table: str
+    version: int | None
+    operation: str | None
+    timestamp: datetime | None
+
+
+def _read(spark: SparkSession, root: str, table: lake.Table) -> DataFrame | None:
+    if not lake.table_exists(spark, root, table):
+        return None
+    return lake.read_table(spark, root, table)
+
+
+def _frame(df: DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Collect rows as a pandas frame (maps stay dicts, timestamps naive UTC)."""
+    rows = [r.asDict(recursive=False) for r in df.collect()]
+    return pd.DataFrame(rows, columns=list(columns))
+
+
+def table_versions(spark: SparkSession, root: str) -> list[TableVersion]:
+    from delta.tables import DeltaTable
+
+    versions = []
+    for table in lake.ALL_TABLES:
+        if not lake.table_exists(spark, root, table):
+            versions.append(TableVersion(table.name, None, None, None))
+            continue
+        last = DeltaTable.forPath(spark, lake.table_path(root, table)).history(1).first()
+        versions.append(
+            TableVersion(table.name, last["version"], last["operation"], last["timestamp"])
+        )
+    return versions
+
+
+CATALOG_COLUMNS = (
+    "as_of",
+    "source",
+    "segment_id",
+    "name",
+    "status",
+    "matched",
+    "size",
+    "entered",
+    "exited",
+    "stability",
+    "overlap",
+)
+
+
+def load_catalog(spark: SparkSession, root: str) -> pd.DataFrame | None:
+    df = _read(spark, root, lake.SEGMENT_CATALOG)
+    return None if df is None else _frame(df.select(*CATALOG_COLUMNS), CATALOG_COLUMNS)
+
+
+REGISTRY_COLUMNS = (
+    "model_name",
+    "version",
+    "kind",
+    "trained_at",
+    "evaluation_as_of",
+    "metrics",
+    "details",
+)
+
+
+def load_latest_models(spark: SparkSession, root: str) -> pd.DataFrame | None:
+    """The latest version (versions sort by time) of every model in gold/model_registry."""
+    df = _read(spark, root, lake.MODEL_REGISTRY)
+    if df is None:
+        return None
+    latest = Window.partitionBy("kind", "model_name").orderBy(F.desc("version"))
+    df = df.withColumn("_n", F.row_number().over(latest)).filter(F.col("_n") == 1)
+    return _frame(df.select(*REGISTRY_COLUMNS), REGISTRY_COLUMNS)
+
+
+def load_quarantine(spark: SparkSession, root: str) -> pd.DataFrame | None:
+    df = _read(spark, root, lake.QUARANTINE)
+    if df is None:
+        return None
+    counts = df.groupBy(F.to_date("quarantined_at").alias("day"), "reason").count()
+    return _frame(counts, ("day", "reason", "count"))
+
+
+RUN_COLUMNS = ("run_id", "job", "as_of", "started_at", "ended_at", "status", "error")
+
+
+def load_runs(spark: SparkSession, root: str) -> pd.DataFrame | None:
+    df = _read(spark, root, lake.RUNS)
+    if df is None:
+        return None
+    latest = df.select(*RUN_COLUMNS).orderBy(F.desc("started_at")).limit(MAX_RUNS)
+    return _frame(latest, RUN_COLUMNS)
