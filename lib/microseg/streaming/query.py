@@ -99,13 +99,14 @@ from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
 from microseg.features import snapshots
 from microseg.ingest import files as ingest
 from microseg.ingest.sources import load_source, records_of_lines
 from microseg.segments import rules
 from microseg.silver.sessions import user_key_of, with_user_key
+from microseg.streaming.lifecycle import BatchGate, StatusSteps, stop_between_batches
 
 SOURCE = "stream"
 QUERY_NAME = "microseg_stream"
@@ -204,9 +205,15 @@ def ingest_kafka_batch(
 
 
 def start_kafka_ingest(
-    spark: SparkSession, cfg: Config, *, available_now: bool, stats: IngestStats
+    spark: SparkSession,
+    cfg: Config,
+    *,
+    available_now: bool,
+    stats: IngestStats,
+    gate: BatchGate | None = None,
 ) -> StreamingQuery:
-    """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint)."""
+    """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint);
+    `gate`: one to stop it between micro-batches with (streaming.lifecycle)."""
     mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
     if mapping.format == "parquet":
         raise ConfigError(
@@ -228,7 +235,11 @@ def start_kafka_ingest(
         kafka_lines(spark, cfg)
         .writeStream.queryName(KAFKA_QUERY_NAME)
         .option("checkpointLocation", kafka_checkpoint_path(cfg))
-        .foreachBatch(partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats))
+        .foreachBatch(
+            (gate or BatchGate()).wrap(
+                partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats)
+            )
+        )
     )
     return _with_trigger(writer, cfg, available_now).start()
 
@@ -907,11 +918,12 @@ def start_stream(
     available_now: bool = False,
     path: str | None = None,
     sink: StreamSink | None = None,
+    gate: BatchGate | None = None,
 ) -> StreamingQuery:
     """Start the query; available_now processes what is in the source, then stops.
 
     `path`: the segment file (default segments.file); `sink`: a stream_sink(...) to keep,
-    e.g. to read its stats."""
+    e.g. to read its stats; `gate`: one to stop it between micro-batches with."""
     root = cfg.lake.root
     if sink is None:
         catalog, segment_ids = _load(spark, cfg, path)
@@ -931,7 +943,7 @@ def start_stream(
     writer = (
         facts_df.writeStream.queryName(QUERY_NAME)
         .option("checkpointLocation", checkpoint_path(cfg))
-        .foreachBatch(partial(write_batch, sink=sink))
+        .foreachBatch((gate or BatchGate()).wrap(partial(write_batch, sink=sink)))
     )
     writer = _with_trigger(writer, cfg, available_now)
     # The query copies the session's settings when it starts; the first run of a checkpoint
@@ -956,8 +968,8 @@ def start_stream(
 def _progress_sum(query: StreamingQuery) -> tuple[int, int]:
     """(input rows, rows dropped by the watermark) over the query's recent progress."""
     rows = late = 0
-    for progress in query.recentProgress:
-        data = progress if isinstance(progress, dict) else json.loads(progress.json)
+    for update in query.recentProgress:
+        data = update if isinstance(update, dict) else json.loads(update.json)
         rows += int(data.get("numInputRows") or 0)
         for operator in data.get("stateOperators") or []:
             late += int(operator.get("numRowsDroppedByWatermark") or 0)
@@ -974,7 +986,8 @@ def run_stream(
     on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None,
 ) -> StreamReport:
     """Run the query until it ends (available_now: when the source is drained) or `timeout`
-    seconds pass (then it is stopped); a failure in the query is raised here.
+    seconds pass, then stop it after its running micro-batch (streaming.lifecycle); a failure
+    in the query is raised here.
 
     With stream.source kafka the Kafka ingest query runs too: alongside, or (available_now)
     first, so that the segment query then sees everything the topic held."""
@@ -983,25 +996,29 @@ def run_stream(
     sink.on_changes = on_changes
     deadline = None if timeout is None else time.monotonic() + timeout
     queries: list[StreamingQuery] = []
+    gate = BatchGate()
     kafka_stats = None
     try:
         if cfg.stream.source == "kafka":
             kafka_stats = IngestStats()
+            progress.step("ingesting the Kafka topic")
             queries.append(
-                start_kafka_ingest(spark, cfg, available_now=available_now, stats=kafka_stats)
+                start_kafka_ingest(
+                    spark, cfg, available_now=available_now, stats=kafka_stats, gate=gate
+                )
             )
             if available_now:
                 _await(queries[0], deadline)
-        query = start_stream(spark, cfg, available_now=available_now, sink=sink)
+        progress.step("starting the query")
+        query = start_stream(spark, cfg, available_now=available_now, sink=sink, gate=gate)
         queries.append(query)
         if available_now:
+            progress.step("processing what bronze/events holds")
             _await(query, deadline)
         else:
             _await_any(spark, queries, deadline)
     finally:
-        for running in queries:
-            if running.isActive:
-                running.stop()
+        stop_between_batches(queries, gate)
     rows, late = _progress_sum(query)
     return StreamReport(
         query_id=str(query.id),
@@ -1030,14 +1047,17 @@ def _await(query: StreamingQuery, deadline: float | None) -> None:
 
 
 def _await_any(spark: SparkSession, queries: list[StreamingQuery], deadline: float | None) -> None:
-    """Wait until one of the queries ends (a failure is raised) or the deadline passes."""
+    """Wait until one of the queries ends (a failure is raised) or the deadline passes;
+    meanwhile the last query's status is the progress step."""
+    steps = StatusSteps()
     while any(q.isActive for q in queries):
         left = _left(deadline)
         if left is not None and left <= 0.001:
             return
         spark.streams.resetTerminated()
-        if spark.streams.awaitAnyTermination(min(left or 5.0, 5.0)):
+        if spark.streams.awaitAnyTermination(min(left or 1.0, 1.0)):
             for q in queries:
                 if q.exception() is not None:
                     raise q.exception()
             return
+        steps.update(queries[-1])
