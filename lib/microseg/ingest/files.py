@@ -21,7 +21,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
 from microseg.core.failpoints import failpoint
 from microseg.core.privacy import keyed_hash
@@ -458,6 +458,7 @@ def write_classified(
 @contextmanager
 def timed(step: str):
     started = time.monotonic()
+    progress.step(step)
     yield
     log.info("ingest: %s took %.1f s", step, time.monotonic() - started)
 
