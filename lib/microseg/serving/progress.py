@@ -109,6 +109,9 @@ class Progress(logging.Handler):
                 console=self.console,
                 transient=True,
                 refresh_per_second=4,
+                # output to the same terminal scrolls above the line; stdout sent elsewhere
+                # (a file, a pipe) stays there
+                redirect_stdout=sys.stdout.isatty(),
             )
             self._display.start()
         else:
