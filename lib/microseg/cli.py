@@ -1,7 +1,9 @@
 """`microseg <command> [--conf FILE] [--set key=value ...] [options]`.
 
 Exit status: 0 success, 2 usage or configuration error, 1 job failure; on failure one line on
-stderr says what went wrong (`--debug` adds the traceback).
+stderr says what went wrong. While a command runs, stderr shows its progress (stage, step,
+elapsed time; microseg.serving.progress). `--verbose` adds Spark's warnings, Java stack traces,
+Python warnings, and the traceback of a failure.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,12 +30,33 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[Config, argparse.Namespace], int | None]
+    progress: bool = True  # show the stage, step and elapsed time while it runs
 
 
-def _spark(cfg: Config, job: str):
+def _spark(
+    cfg: Config,
+    args: argparse.Namespace,
+    job: str,
+    then: str,
+    *,
+    kafka: bool = False,
+    conf: dict[str, str] | None = None,
+):
+    """The session of command `job` (see microseg.core.spark.build_spark); `then`: the
+    command's progress step once Spark runs (the jobs may say more)."""
+    from microseg.core import progress
     from microseg.core.spark import build_spark
 
-    return build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-{job}")
+    progress.step("starting Spark")
+    spark = build_spark(
+        cfg.spark,
+        app_name=f"{cfg.spark.app_name}-{job}",
+        kafka=kafka,
+        conf=conf,
+        verbose=args.verbose,
+    )
+    progress.step(then)
+    return spark
 
 
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +79,7 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ingest.files import run_ingest
     from microseg.serving.console import print_ingest_report
 
-    spark = _spark(cfg, "ingest")
+    spark = _spark(cfg, args, "ingest", f"reading {args.path}")
     with recorded(spark, cfg, job="ingest") as run:
         report = run_ingest(
             spark,
@@ -84,6 +108,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core import progress
     from microseg.core.config import GenerateConfig
     from microseg.ingest.generate import estimate_users_for_events, generate
     from microseg.serving.console import print_generate_manifest
@@ -99,7 +124,7 @@ def _generate(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError(
             f"generate: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
         ) from exc
-    manifest = generate(settings, progress=lambda msg: print(msg, file=sys.stderr))
+    manifest = generate(settings, progress=progress.step)
     print_generate_manifest(settings, manifest)
     return 0
 
@@ -115,7 +140,7 @@ def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.serving.console import print_sessionize_report
     from microseg.silver.sessions import run_sessionize
 
-    spark = _spark(cfg, "sessionize")
+    spark = _spark(cfg, args, "sessionize", "reading new events")
     with recorded(spark, cfg, job="sessionize") as run:
         report = run_sessionize(spark, cfg, full=args.full, run_id=run.run_id)
         run.read("bronze/events", report.new_events)
@@ -149,7 +174,7 @@ def _features(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.features.user_features import run_features
     from microseg.serving.console import print_features_report
 
-    spark = _spark(cfg, "features")
+    spark = _spark(cfg, args, "features", "reading events")
     with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
         result = run_features(spark, cfg, as_of=args.as_of, run_id=run.run_id)
     print_features_report(spark, cfg, result)
@@ -180,17 +205,16 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
     try:
         catalog = load_segments(cfg, args.file)
         if args.action == "validate":
-            _check_sql_without_data(cfg, catalog)
+            _check_sql_without_data(cfg, args, catalog)
             report.print_segment_validation(catalog)
             return 0
     except SegmentFileError as exc:
         for problem in exc.problems:
             print(f"microseg segments: {problem}", file=sys.stderr)
         return 2
-    from microseg.core.spark import build_spark
     from microseg.segments.evaluate import run_segments
 
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments")
+    spark = _spark(cfg, args, "segments", "reading features and segments")
     if args.action == "show":
         try:
             catalog[args.segment_id]
@@ -209,7 +233,7 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_sql_without_data(cfg: Config, catalog) -> None:
+def _check_sql_without_data(cfg: Config, args: argparse.Namespace, catalog) -> None:
     """sql conditions are checked by Spark's analyzer on an empty frame (no job runs)."""
     from microseg.segments.evaluate import check_sql, feature_frame_schema
     from microseg.segments.model import sql_conditions
@@ -217,9 +241,7 @@ def _check_sql_without_data(cfg: Config, catalog) -> None:
 
     if not any(sql_conditions(s.condition) for s in catalog.segments):
         return
-    from microseg.core.spark import build_spark
-
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-segments-validate")
+    spark = _spark(cfg, args, "segments-validate", "checking sql conditions")
     schema = feature_frame_schema(available_features(cfg))
     check_sql(catalog, spark.createDataFrame([], schema))
 
@@ -242,7 +264,12 @@ def _cluster(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ml import clustering
     from microseg.serving.console import print_cluster_assign, print_cluster_train
 
-    spark = _spark(cfg, f"cluster-{args.action}")
+    spark = _spark(
+        cfg,
+        args,
+        f"cluster-{args.action}",
+        "training KMeans" if args.action == "train" else "assigning users to clusters",
+    )
     with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
             result = clustering.train_clusters(
@@ -274,7 +301,12 @@ def _propensity(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
     from microseg.ml import propensity
 
-    spark = _spark(cfg, f"propensity-{args.action}")
+    spark = _spark(
+        cfg,
+        args,
+        f"propensity-{args.action}",
+        f"training {args.target}" if args.action == "train" else f"scoring {args.target}",
+    )
     with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
             result = propensity.train_propensity(
@@ -308,7 +340,7 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.pipeline import run_pipeline
     from microseg.serving.console import PipelineProgress
 
-    spark = _spark(cfg, "pipeline")
+    spark = _spark(cfg, args, "pipeline", "reading the lake")
     with PipelineProgress() as progress:
         run_pipeline(spark, cfg, as_of=args.as_of, progress=progress)
     return 0
@@ -330,13 +362,10 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stream(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
-    from microseg.core.spark import build_spark
     from microseg.serving.console import print_stream_changes, print_stream_report
     from microseg.streaming import query as streaming
 
-    spark = build_spark(
-        cfg.spark, app_name=f"{cfg.spark.app_name}-stream", kafka=cfg.stream.source == "kafka"
-    )
+    spark = _spark(cfg, args, "stream", "starting the query", kafka=cfg.stream.source == "kafka")
     with recorded(spark, cfg, job="stream") as run:
         report = streaming.run_stream(
             spark,
@@ -351,13 +380,10 @@ def _stream(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _register(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.spark import build_spark
     from microseg.serving.console import print_register_report
     from microseg.serving.sql_catalog import register_tables, session_settings
 
-    spark = build_spark(
-        cfg.spark, app_name=f"{cfg.spark.app_name}-register", conf=session_settings(cfg)
-    )
+    spark = _spark(cfg, args, "register", "registering tables", conf=session_settings(cfg))
     report = register_tables(spark, cfg.lake.root, prefix=cfg.sql.database_prefix)
     print_register_report(report)
     return 0
@@ -380,6 +406,8 @@ def _sql_server(cfg: Config, args: argparse.Namespace) -> int:
         register += ["--conf", args.conf]
     for override in args.overrides:
         register += ["--set", override]
+    if args.verbose:
+        register.append("--verbose")
     registered = subprocess.run(register, check=False)
     if registered.returncode != 0:
         return registered.returncode
@@ -402,7 +430,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 def _report(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.serving.html_report import write_report
 
-    spark = _spark(cfg, "report")
+    spark = _spark(cfg, args, "report", "reading the lake")
     written = write_report(spark, cfg.lake.root, args.output)
     print(
         f"{written.path} ({written.charts} charts, {written.bytes / 1e6:.1f} MB; "
@@ -420,31 +448,19 @@ def _runs(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recent_runs
     from microseg.serving.console import print_runs
 
-    spark = _spark(cfg, "runs")
+    spark = _spark(cfg, args, "runs", "reading ops/runs")
     print_runs(recent_runs(spark, cfg.lake.root, limit=args.limit, job=args.job))
     return 0
 
 
 def _status(cfg: Config, args: argparse.Namespace) -> int:
-    from pyspark.sql import functions as F
-
     from microseg.core import lake
-    from microseg.core.spark import build_spark
+    from microseg.ingest.quarantine import reason_counts
     from microseg.serving.console import print_status
 
-    spark = build_spark(cfg.spark, app_name=f"{cfg.spark.app_name}-status")
+    spark = _spark(cfg, args, "status", "counting rows")
     tables = lake.summarize(spark, cfg.lake.root)
-    reasons = []
-    if lake.table_exists(spark, cfg.lake.root, lake.QUARANTINE):
-        reasons = [
-            (r.source, r.reason, r["count"])
-            for r in lake.read_table(spark, cfg.lake.root, lake.QUARANTINE)
-            .groupBy("source", "reason")
-            .count()
-            .orderBy("source", F.desc("count"))
-            .collect()
-        ]
-    print_status(cfg.lake.root, tables, reasons)
+    print_status(cfg.lake.root, tables, reason_counts(spark, cfg.lake.root))
     return 0
 
 
@@ -516,6 +532,7 @@ COMMANDS: dict[str, Command] = {
             "register the tables, then serve them over JDBC/ODBC with the Spark Thrift Server",
             _sql_server_arguments,
             _sql_server,
+            progress=False,  # the server's own log is its progress, until it is stopped
         ),
         Command(
             "report",
@@ -561,7 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="overrides",
         help="override one config key, e.g. --set spark.shuffle_partitions=4 (repeatable)",
     )
-    common.add_argument("--debug", action="store_true", help="print tracebacks on failure")
+    common.add_argument(
+        "--verbose",
+        "-v",
+        "--debug",
+        action="store_true",
+        help="also show Spark's warnings, Java stack traces, Python warnings, and the "
+        "traceback of a failure",
+    )
     parser = _Parser(
         prog="microseg",
         description="Behavioral micro-segmentation on Apache Spark and Delta Lake.",
@@ -579,32 +603,69 @@ def _one_line(exc: BaseException) -> str:
     return first if len(first) <= 500 else first[:497] + "..."
 
 
+class _Stderr(logging.Handler):
+    """Log records as plain lines on sys.stderr as it is now (a live progress display
+    redirects it, so its lines scroll above the display)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """microseg's messages (INFO) on stderr; py4j's only with --verbose (its callback server
+    narrates at INFO, and what it reports at ERROR reaches the command as its failure)."""
+    from microseg.core.progress import LOGGER
+
+    root = logging.getLogger()
+    if not root.handlers:  # a host (pytest, a notebook) may have its own
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    logging.getLogger("py4j").setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
+    logging.getLogger(LOGGER).propagate = False  # steps are for the progress display only
+
+
+def _run(command: Command, cfg: Config, args: argparse.Namespace) -> int:
+    if not command.progress:
+        return command.run(cfg, args) or 0
+    from microseg.serving.progress import Progress
+
+    label = " ".join(str(a) for a in (args.command, getattr(args, "action", None)) if a)
+    with Progress(label):
+        return command.run(cfg, args) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"microseg {args.command}"
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    # py4j narrates its callback server (used by foreachBatch) at INFO: not for the user
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    _configure_logging(args.verbose)
     started = time.monotonic()
     try:
-        cfg = load_config(resolve_conf_path(args.conf), args.overrides)
-        status = COMMANDS[args.command].run(cfg, args) or 0
+        with warnings.catch_warnings():
+            if not args.verbose:  # libraries' deprecation notices are not the user's concern
+                warnings.simplefilter("ignore")
+            cfg = load_config(resolve_conf_path(args.conf), args.overrides)
+            status = _run(COMMANDS[args.command], cfg, args)
     except ConfigError as exc:
-        if args.debug:
+        if args.verbose:
             traceback.print_exc()
         print(f"{prog}: config error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        if args.debug:
+        if args.verbose:
             traceback.print_exc()
         print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a job failure: one clear line, details with --debug
-        if args.debug:
+    except Exception as exc:  # a job failure: one clear line, details with --verbose
+        if args.verbose:
             traceback.print_exc()
         print(f"{prog}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -77,6 +77,11 @@ class SparkConfig(Strict):
     conf: dict[str, SparkValue] = Field(
         default_factory=dict, description="Any other Spark settings (values may be YAML scalars)."
     )
+    log_config: str | None = Field(
+        None,
+        description="log4j2 configuration of the driver's Spark log (a relative path is read "
+        "from the folder of the config file that sets it); null leaves Spark's default.",
+    )
 
 
 class LakeConfig(Strict):
@@ -420,11 +425,25 @@ def _merge(base: dict, overlay: dict, origin: str, provenance: dict, prefix: tup
     return merged
 
 
+# Files named relative to the config file that names them (like `extends:`), so that the
+# command finds them from any directory.
+BESIDE_CONFIG = (("spark", "log_config"),)
+
+
+def _resolve_beside(data: dict[str, Any], path: Path) -> None:
+    for section, key in BESIDE_CONFIG:
+        values = data.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            values[key] = str(path.resolve().parent / value)
+
+
 def _load_chain(path: Path, provenance: dict, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in seen:
         raise ConfigError(f"{path}: `extends` forms a cycle")
     data = _read_yaml(path)
+    _resolve_beside(data, path)
     parent = data.pop("extends", None)
     base: dict[str, Any] = {}
     if parent is not None:

@@ -1,11 +1,19 @@
-"""The one Spark session builder: Delta Lake on, UTC, everything else from config."""
+"""The one Spark session builder: Delta Lake on, UTC, everything else from config.
+
+The driver's Spark log follows spark.log_config (conf/log4j2.properties: errors only, one line
+each); `verbose` adds Spark's warnings and Java stack traces, and the Python workers' warnings.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 
+from pyspark import SparkConf, SparkContext
+from pyspark.java_gateway import launch_gateway
 from pyspark.sql import SparkSession
 
 from microseg.core.config import SparkConfig
@@ -33,20 +41,86 @@ def use_utc_clock() -> None:
         time.tzset()
 
 
+# What the driver JVM says on stderr about itself rather than about the job: Spark's launcher
+# always adds the Vector API's incubator module, and the JVM announces it at every start.
+JVM_NOTICES = ("WARNING: Using incubator modules:",)
+
+
+def driver_java_options(cfg: SparkConfig, *, verbose: bool = False) -> str:
+    """JVM options for a driver microseg starts: its log4j2 configuration (cfg.log_config)
+    and, when verbose, the log level and stack traces that file reads from -Dmicroseg.*."""
+    options = []
+    if cfg.log_config:
+        options.append(
+            f"-Dlog4j2.configurationFile={Path(cfg.log_config).expanduser().resolve().as_uri()}"
+        )
+    if verbose:
+        options += ["-Dmicroseg.spark.log=warn", "-Dmicroseg.spark.trace=full"]
+    return " ".join(options)
+
+
+def with_driver_options(
+    settings: dict[str, str], cfg: SparkConfig, *, verbose: bool = False
+) -> dict[str, str]:
+    """`settings` with driver_java_options(cfg) ahead of their spark.driver.extraJavaOptions."""
+    key = "spark.driver.extraJavaOptions"
+    options = " ".join(
+        o for o in (driver_java_options(cfg, verbose=verbose), settings.get(key)) if o
+    )
+    return {**settings, key: options} if options else dict(settings)
+
+
+def relay_stderr(stream) -> None:
+    """Copy the driver JVM's stderr to sys.stderr as it is at each line (so that a live
+    progress display or a test's capture gets it), without JVM_NOTICES. Keeps reading to the
+    end whatever happens to sys.stderr: a JVM blocked on a full pipe would stop the job."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        if line.startswith(JVM_NOTICES):
+            continue
+        for target in (sys.stderr, sys.__stderr__):
+            try:
+                target.write(line)
+                target.flush()
+                break
+            except (AttributeError, OSError, ValueError):  # None, or closed at exit
+                continue
+
+
+def _start_driver(settings: dict[str, str]) -> None:
+    """Start the driver JVM and its SparkContext with `settings`, its stderr relayed (from
+    the start: when the JVM cannot start, what it says is the reason)."""
+    conf = SparkConf().setAll(list(settings.items()))
+    read_end, write_end = os.pipe()
+    threading.Thread(
+        target=relay_stderr,
+        args=(os.fdopen(read_end, "rb"),),
+        name="spark-driver-stderr",
+        daemon=True,
+    ).start()
+    try:
+        gateway = launch_gateway(conf, popen_kwargs={"stderr": write_end})
+    finally:
+        os.close(write_end)  # the JVM (and the Python workers it starts) hold it now
+    SparkContext(conf=conf, gateway=gateway)
+
+
 def build_spark(
     cfg: SparkConfig,
     *,
     app_name: str | None = None,
     kafka: bool = False,
     conf: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> SparkSession:
     """Return the session for a job: Delta extensions and catalog on, session time zone UTC.
 
     When a session already exists in this process (spark-submit, a notebook, the test
-    fixture) it is reused, and the JVM-level settings (master, JARs) it was started with win.
-    `kafka`: also load Spark's Kafka connector (resolved into the cfg.delta_jars folder like
-    Delta's JARs; without that folder, added to spark.jars.packages). `conf`: settings a job
-    adds to cfg.conf (e.g. its catalog: microseg.serving.sql_catalog.session_settings).
+    fixture) it is reused, and the JVM-level settings (master, JARs, log) it was started with
+    win; `verbose` then lowers its log level to warnings. `kafka`: also load Spark's Kafka
+    connector (resolved into the cfg.delta_jars folder like Delta's JARs; without that
+    folder, added to spark.jars.packages). `conf`: settings a job adds to cfg.conf (e.g. its
+    catalog: microseg.serving.sql_catalog.session_settings).
     """
     use_utc_clock()
     if cfg.master and cfg.master.startswith("local"):
@@ -55,15 +129,17 @@ def build_spark(
         # Python workers (the stream's per-user state, pandas UDFs) run this interpreter,
         # whose environment has pandas and pyarrow, unless the user chose another one.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(app_name or cfg.app_name)
-    if cfg.master:
-        builder = builder.master(cfg.master)
     settings = {
+        "spark.app.name": app_name or cfg.app_name,
+        **({"spark.master": cfg.master} if cfg.master else {}),
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
         "spark.executorEnv.TZ": "UTC",  # Python workers on a cluster, as use_utc_clock
+        # library deprecation notices from the Python workers are for --verbose
+        **({} if verbose else {"spark.executorEnv.PYTHONWARNINGS": "ignore"}),
         **cfg.conf,
         **(conf or {}),
     }
+    settings = with_driver_options(settings, cfg, verbose=verbose)
     if cfg.delta_jars:
         jars = [j for j in settings.get("spark.jars", "").split(",") if j]
         if kafka:
@@ -73,9 +149,14 @@ def build_spark(
         listed = [p for p in settings.get("spark.jars.packages", "").split(",") if p]
         settings["spark.jars.packages"] = ",".join([*listed, kafka_coordinates()])
     settings.update(REQUIRED_CONF)
-    for key, value in settings.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    # The private attribute is the one way to know whether this process has a JVM already
+    # (a stopped session keeps it); spark-submit's driver has one and passes its port.
+    started_here = SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ
+    if started_here:
+        _start_driver(settings)
+    spark = SparkSession.builder.config(map=settings).getOrCreate()
+    if verbose and not started_here:
+        spark.sparkContext.setLogLevel("WARN")
     # getOrCreate applies SQL settings to an existing session too; make sure of the required ones.
     for key, value in REQUIRED_CONF.items():
         if key.startswith("spark.sql.session"):

@@ -21,7 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config
 from microseg.core.failpoints import failpoint
 from microseg.core.runs import new_run_id
@@ -140,6 +140,7 @@ def write_classified(
 @contextmanager
 def timed(step: str):
     started = time.monotonic()
+    progress.step(step)
     yield
     log.info("ingest: %s took %.1f s", step, time.monotonic() - started)
 

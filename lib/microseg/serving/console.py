@@ -7,8 +7,10 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from microseg.core import progress
 from microseg.ingest.canonical import REASONS
 from microseg.ingest.files import IngestReport
+from microseg.ingest.quarantine import ReasonCount
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
@@ -51,7 +53,7 @@ def print_generate_manifest(settings, manifest: dict) -> None:
     console.print(table)
 
 
-def print_status(root: str, tables: list[dict], reasons: list[tuple[str, str, int]]) -> None:
+def print_status(root: str, tables: list[dict], reasons: list[ReasonCount]) -> None:
     console.print(f"[bold]lake[/bold] {root}")
     table = Table("table", "rows", "version", "last operation")
     for t in tables:
@@ -62,8 +64,8 @@ def print_status(root: str, tables: list[dict], reasons: list[tuple[str, str, in
     console.print(table)
     if reasons:
         by_reason = Table("source", "quarantine reason", "records")
-        for source, reason, count in reasons:
-            by_reason.add_row(source, reason, f"{count:,}")
+        for r in reasons:
+            by_reason.add_row(r.source, r.reason, f"{r.records:,}")
         console.print(by_reason)
 
 
@@ -233,7 +235,8 @@ def print_runs(rows) -> None:
 
 
 class PipelineProgress:
-    """Prints each pipeline stage as it starts and ends, then a summary table."""
+    """Passes each pipeline stage to the progress display as it starts, prints it when it
+    ends, then a summary table."""
 
     def __init__(self) -> None:
         self.results: list = []
@@ -247,7 +250,7 @@ class PipelineProgress:
 
     def __call__(self, event) -> None:
         if isinstance(event, str):
-            console.print(f"[bold]>> {event}[/bold]")
+            progress.stage(event)
             return
         self.results.append(event)
         rows = "" if event.rows is None else f", {event.rows:,} rows"

@@ -71,7 +71,7 @@ def session_settings(cfg: Config) -> dict[str, str]:
     if cfg.sql.metastore_dir is None:
         return {}
     settings = hive_settings(cfg.sql.metastore_dir)
-    # keep the log4j option of conf/local.yaml next to Derby's
+    # keep the driver options of cfg.spark.conf next to Derby's
     java_options = cfg.spark.conf.get("spark.driver.extraJavaOptions")
     if java_options:
         settings["spark.driver.extraJavaOptions"] += f" {java_options}"
@@ -141,7 +141,7 @@ def thrift_server_command(cfg: Config, *, host: str, port: int) -> list[str]:
     import pyspark
 
     from microseg.core.jars import delta_jars
-    from microseg.core.spark import REQUIRED_CONF
+    from microseg.core.spark import REQUIRED_CONF, with_driver_options
 
     spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     conf = {
@@ -150,6 +150,7 @@ def thrift_server_command(cfg: Config, *, host: str, port: int) -> list[str]:
         **REQUIRED_CONF,
         **session_settings(cfg),
     }
+    conf = with_driver_options(conf, cfg.spark)
     command = [str(spark_submit), "--class", THRIFT_SERVER_CLASS, "--name", "microseg-sql"]
     if cfg.spark.master:
         command += ["--master", cfg.spark.master]

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 
@@ -282,6 +282,7 @@ def run_sessionize(
         return report
     report.watermark = latest
 
+    progress.step("stitching identities")
     identity_df = identity_map(events_df).persist()
     previous_df = (
         lake.read_table(spark, root, lake.IDENTITY_MAP).select("anonymous_id", "user_key")
@@ -295,6 +296,7 @@ def run_sessionize(
     try:
         if watermark is None:
             report.mode = "full"
+            progress.step("building every session")
             sessions_df = sessionize(
                 with_user_key(events_df, identity_df, broadcast=small_map),
                 inactivity_timeout=conf.inactivity_timeout,
@@ -318,6 +320,7 @@ def run_sessionize(
             _incremental(
                 spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
             )
+        progress.step("writing silver/identity_map")
         lake.overwrite(
             spark,
             root,
@@ -334,6 +337,7 @@ def _incremental(
     spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
 ) -> None:
     root, conf = cfg.lake.root, cfg.sessions
+    progress.step("rebuilding the sessions of the users with new events")
     since = watermark - conf.lookback
     new_df = with_user_key(
         events_df.filter(F.col("ingested_at") > F.lit(since)), identity_df, broadcast=small_map

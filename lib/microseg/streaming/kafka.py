@@ -16,6 +16,7 @@ from microseg.core.config import Config, ConfigError
 from microseg.ingest import files as ingest
 from microseg.ingest.sources import load_source, records_of_lines
 from microseg.streaming.checkpoint import checkpoint_path
+from microseg.streaming.lifecycle import BatchGate
 
 KAFKA_QUERY_NAME = "microseg_kafka_ingest"
 
@@ -97,9 +98,16 @@ def ingest_kafka_batch(
 
 
 def start_kafka_ingest(
-    spark: SparkSession, cfg: Config, *, available_now: bool, stats: IngestStats, run_id: str
+    spark: SparkSession,
+    cfg: Config,
+    *,
+    available_now: bool,
+    stats: IngestStats,
+    run_id: str,
+    gate: BatchGate | None = None,
 ) -> StreamingQuery:
-    """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint)."""
+    """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint);
+    `gate`: one to stop it between micro-batches with (streaming.lifecycle)."""
     mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
     if mapping.format == "parquet":
         raise ConfigError(
@@ -122,7 +130,9 @@ def start_kafka_ingest(
         .writeStream.queryName(KAFKA_QUERY_NAME)
         .option("checkpointLocation", kafka_checkpoint_path(cfg))
         .foreachBatch(
-            partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats, run_id=run_id)
+            (gate or BatchGate()).wrap(
+                partial(ingest_kafka_batch, cfg=cfg, mapping=mapping, stats=stats, run_id=run_id)
+            )
         )
     )
     return with_trigger(writer, cfg, available_now).start()

@@ -91,11 +91,12 @@ from functools import partial
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
 from microseg.segments.parse import load_segments
 from microseg.streaming.checkpoint import check_checkpoint, checkpoint_path
 from microseg.streaming.kafka import IngestStats, start_kafka_ingest, with_trigger
+from microseg.streaming.lifecycle import BatchGate, StatusSteps, stop_between_batches
 from microseg.streaming.sink import StreamSink, stream_sink, write_batch
 from microseg.streaming.state import keyed_events, live_facts, micros, streamed_segments
 
@@ -151,11 +152,12 @@ def start_stream(
     available_now: bool = False,
     path: str | None = None,
     sink: StreamSink | None = None,
+    gate: BatchGate | None = None,
 ) -> StreamingQuery:
     """Start the query; available_now processes what is in the source, then stops.
 
     `path`: the segment file (default segments.file); `sink`: a stream_sink(...) to keep,
-    e.g. to read its stats."""
+    e.g. to read its stats; `gate`: one to stop it between micro-batches with."""
     root = cfg.lake.root
     if sink is None:
         catalog, segment_ids = _load(spark, cfg, path)
@@ -175,7 +177,7 @@ def start_stream(
     writer = (
         facts_df.writeStream.queryName(QUERY_NAME)
         .option("checkpointLocation", checkpoint_path(cfg))
-        .foreachBatch(partial(write_batch, sink=sink))
+        .foreachBatch((gate or BatchGate()).wrap(partial(write_batch, sink=sink)))
     )
     writer = with_trigger(writer, cfg, available_now)
     # The query copies the session's settings when it starts; the first run of a checkpoint
@@ -200,8 +202,8 @@ def start_stream(
 def _progress_sum(query: StreamingQuery) -> tuple[int, int]:
     """(input rows, rows dropped by the watermark) over the query's recent progress."""
     rows = late = 0
-    for progress in query.recentProgress:
-        data = progress if isinstance(progress, dict) else json.loads(progress.json)
+    for update in query.recentProgress:
+        data = update if isinstance(update, dict) else json.loads(update.json)
         rows += int(data.get("numInputRows") or 0)
         for operator in data.get("stateOperators") or []:
             late += int(operator.get("numRowsDroppedByWatermark") or 0)
@@ -219,7 +221,8 @@ def run_stream(
     run_id: str | None = None,
 ) -> StreamReport:
     """Run the query until it ends (available_now: when the source is drained) or `timeout`
-    seconds pass (then it is stopped); a failure in the query is raised here.
+    seconds pass, then stop it after its running micro-batch (streaming.lifecycle); a failure
+    in the query is raised here.
 
     With stream.source kafka the Kafka ingest query runs too: alongside, or (available_now)
     first, so that the segment query then sees everything the topic held."""
@@ -228,27 +231,34 @@ def run_stream(
     sink.on_changes = on_changes
     deadline = None if timeout is None else time.monotonic() + timeout
     queries: list[StreamingQuery] = []
+    gate = BatchGate()
     kafka_stats = None
     try:
         if cfg.stream.source == "kafka":
             kafka_stats = IngestStats()
+            progress.step("ingesting the Kafka topic")
             queries.append(
                 start_kafka_ingest(
-                    spark, cfg, available_now=available_now, stats=kafka_stats, run_id=sink.run_id
+                    spark,
+                    cfg,
+                    available_now=available_now,
+                    stats=kafka_stats,
+                    run_id=sink.run_id,
+                    gate=gate,
                 )
             )
             if available_now:
                 _await(queries[0], deadline)
-        query = start_stream(spark, cfg, available_now=available_now, sink=sink)
+        progress.step("starting the query")
+        query = start_stream(spark, cfg, available_now=available_now, sink=sink, gate=gate)
         queries.append(query)
         if available_now:
+            progress.step("processing what bronze/events holds")
             _await(query, deadline)
         else:
             _await_any(spark, queries, deadline)
     finally:
-        for running in queries:
-            if running.isActive:
-                running.stop()
+        stop_between_batches(queries, gate)
     rows, late = _progress_sum(query)
     return StreamReport(
         query_id=str(query.id),
@@ -277,14 +287,17 @@ def _await(query: StreamingQuery, deadline: float | None) -> None:
 
 
 def _await_any(spark: SparkSession, queries: list[StreamingQuery], deadline: float | None) -> None:
-    """Wait until one of the queries ends (a failure is raised) or the deadline passes."""
+    """Wait until one of the queries ends (a failure is raised) or the deadline passes;
+    meanwhile the last query's status is the progress step."""
+    steps = StatusSteps()
     while any(q.isActive for q in queries):
         left = _left(deadline)
         if left is not None and left <= 0.001:
             return
         spark.streams.resetTerminated()
-        if spark.streams.awaitAnyTermination(min(left or 5.0, 5.0)):
+        if spark.streams.awaitAnyTermination(min(left or 1.0, 1.0)):
             for q in queries:
                 if q.exception() is not None:
                     raise q.exception()
             return
+        steps.update(queries[-1])
