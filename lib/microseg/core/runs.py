@@ -21,7 +21,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.config import Config
 
 log = logging.getLogger("microseg")
@@ -112,6 +112,7 @@ def recorded(
     finally:
         record.ended_at = _now()
         try:
+            progress.step("recording the run in ops/runs")
             after = table_versions(spark, root)
             for name, version in after.items():
                 if version != before.get(name):
