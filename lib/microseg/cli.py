@@ -174,7 +174,7 @@ def _features(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.features.user_features import run_features
     from microseg.serving.console import print_features_report
 
-    spark = _spark(cfg, args, "features", "reading events")
+    spark = _spark(cfg, args, "features", f"computing features as of {args.as_of:%Y-%m-%d %H:%M}")
     with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
         result = run_features(spark, cfg, as_of=args.as_of, run_id=run.run_id)
     print_features_report(spark, cfg, result)
@@ -615,8 +615,9 @@ class _Stderr(logging.Handler):
 
 
 def _configure_logging(verbose: bool) -> None:
-    """microseg's messages (INFO) on stderr; py4j's only with --verbose (its callback server
-    narrates at INFO, and what it reports at ERROR reaches the command as its failure)."""
+    """microseg's messages on stderr (with --verbose its DEBUG ones too, e.g. step timings);
+    py4j's only with --verbose (its callback server narrates at INFO, and what it reports at
+    ERROR reaches the command as its failure)."""
     from microseg.core.progress import LOGGER
 
     root = logging.getLogger()
@@ -625,6 +626,7 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+    logging.getLogger("microseg").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("py4j").setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
     logging.getLogger(LOGGER).propagate = False  # steps are for the progress display only
 

@@ -21,7 +21,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from microseg.core import lake
+from microseg.core import lake, progress
 from microseg.core.clock import naive_utc, utc_now
 from microseg.core.config import Config
 
@@ -113,6 +113,7 @@ def recorded(
     finally:
         record.ended_at = utc_now()
         try:
+            progress.step("recording the run in ops/runs")
             after = table_versions(spark, root)
             for name, version in after.items():
                 if version != before.get(name):

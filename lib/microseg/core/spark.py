@@ -1,7 +1,8 @@
 """The one Spark session builder: Delta Lake on, UTC, everything else from config.
 
-The driver's Spark log follows spark.log_config (conf/log4j2.properties: errors only, one line
-each); `verbose` adds Spark's warnings and Java stack traces, and the Python workers' warnings.
+The driver's Spark log follows spark.log_config (conf/log4j2.properties), off unless `verbose`:
+a failure reaches the caller as an exception. `verbose` shows Spark's warnings and errors with
+Java stack traces, the JVM's notes about itself and the Python workers' warnings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from pyspark import SparkConf, SparkContext
 from pyspark.java_gateway import launch_gateway
@@ -41,42 +43,48 @@ def use_utc_clock() -> None:
         time.tzset()
 
 
-# What the driver JVM says on stderr about itself rather than about the job: Spark's launcher
-# always adds the Vector API's incubator module, and the JVM announces it at every start.
-JVM_NOTICES = ("WARNING: Using incubator modules:",)
+# What the driver JVM says on stderr about itself rather than about the job (shown when
+# verbose): Spark's launcher always adds the Vector API's incubator module, and the JVM
+# announces it at every start; without a system BLAS library (libblas.so.3), netlib says so
+# from native code before Spark's ML falls back to its Java BLAS.
+JVM_NOTICES = ("WARNING: Using incubator modules:", "netlib-blas: JNI_OnLoad: dlopen(")
 
 
-def driver_java_options(cfg: SparkConfig, *, verbose: bool = False) -> str:
+# What -Dmicroseg.* conf/log4j2.properties reads: a command's quiet and verbose logs
+SPARK_LOG = {
+    "quiet": ("-Dmicroseg.spark.log=off",),
+    "verbose": ("-Dmicroseg.spark.log=warn", "-Dmicroseg.spark.trace=full"),
+    "default": (),  # the file's own: errors, one line each
+}
+SparkLog = Literal["quiet", "verbose", "default"]
+
+
+def driver_java_options(cfg: SparkConfig, *, log: SparkLog = "default") -> str:
     """JVM options for a driver microseg starts: its log4j2 configuration (cfg.log_config)
-    and, when verbose, the log level and stack traces that file reads from -Dmicroseg.*."""
-    options = []
-    if cfg.log_config:
-        options.append(
-            f"-Dlog4j2.configurationFile={Path(cfg.log_config).expanduser().resolve().as_uri()}"
-        )
-    if verbose:
-        options += ["-Dmicroseg.spark.log=warn", "-Dmicroseg.spark.trace=full"]
-    return " ".join(options)
+    and the level that file reads (SPARK_LOG)."""
+    if not cfg.log_config:
+        return ""
+    uri = Path(cfg.log_config).expanduser().resolve().as_uri()
+    return " ".join([f"-Dlog4j2.configurationFile={uri}", *SPARK_LOG[log]])
 
 
 def with_driver_options(
-    settings: dict[str, str], cfg: SparkConfig, *, verbose: bool = False
+    settings: dict[str, str], cfg: SparkConfig, *, log: SparkLog = "default"
 ) -> dict[str, str]:
     """`settings` with driver_java_options(cfg) ahead of their spark.driver.extraJavaOptions."""
     key = "spark.driver.extraJavaOptions"
-    options = " ".join(
-        o for o in (driver_java_options(cfg, verbose=verbose), settings.get(key)) if o
-    )
+    options = " ".join(o for o in (driver_java_options(cfg, log=log), settings.get(key)) if o)
     return {**settings, key: options} if options else dict(settings)
 
 
-def relay_stderr(stream) -> None:
+def relay_stderr(stream, *, drop: tuple[str, ...] = JVM_NOTICES) -> None:
     """Copy the driver JVM's stderr to sys.stderr as it is at each line (so that a live
-    progress display or a test's capture gets it), without JVM_NOTICES. Keeps reading to the
-    end whatever happens to sys.stderr: a JVM blocked on a full pipe would stop the job."""
+    progress display or a test's capture gets it), without the lines that start with `drop`.
+    Keeps reading to the end whatever happens to sys.stderr: a JVM blocked on a full pipe
+    would stop the job."""
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        if line.startswith(JVM_NOTICES):
+        if drop and line.startswith(drop):
             continue
         for target in (sys.stderr, sys.__stderr__):
             try:
@@ -87,7 +95,7 @@ def relay_stderr(stream) -> None:
                 continue
 
 
-def _start_driver(settings: dict[str, str]) -> None:
+def _start_driver(settings: dict[str, str], *, verbose: bool) -> None:
     """Start the driver JVM and its SparkContext with `settings`, its stderr relayed (from
     the start: when the JVM cannot start, what it says is the reason)."""
     conf = SparkConf().setAll(list(settings.items()))
@@ -95,6 +103,7 @@ def _start_driver(settings: dict[str, str]) -> None:
     threading.Thread(
         target=relay_stderr,
         args=(os.fdopen(read_end, "rb"),),
+        kwargs={"drop": () if verbose else JVM_NOTICES},
         name="spark-driver-stderr",
         daemon=True,
     ).start()
@@ -139,7 +148,7 @@ def build_spark(
         **cfg.conf,
         **(conf or {}),
     }
-    settings = with_driver_options(settings, cfg, verbose=verbose)
+    settings = with_driver_options(settings, cfg, log="verbose" if verbose else "quiet")
     if cfg.delta_jars:
         jars = [j for j in settings.get("spark.jars", "").split(",") if j]
         if kafka:
@@ -153,7 +162,7 @@ def build_spark(
     # (a stopped session keeps it); spark-submit's driver has one and passes its port.
     started_here = SparkContext._gateway is None and "PYSPARK_GATEWAY_PORT" not in os.environ
     if started_here:
-        _start_driver(settings)
+        _start_driver(settings, verbose=verbose)
     spark = SparkSession.builder.config(map=settings).getOrCreate()
     if verbose and not started_here:
         spark.sparkContext.setLogLevel("WARN")

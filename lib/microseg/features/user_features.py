@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from microseg.core import lake, progress
+from microseg.core import lake
 from microseg.core.config import Config, ConfigError
 from microseg.core.runs import new_run_id
 from microseg.silver.sessions import identity_map, sessionize, with_user_key
@@ -375,9 +375,7 @@ def run_features(
         )
         .persist()
     )
-    progress.step(f"computing {len(features)} features per user")
     users = features_df.count()
-    progress.step("writing gold/user_features")
     (
         features_df.write.format("delta")
         .mode("overwrite")

@@ -142,7 +142,7 @@ def timed(step: str):
     started = time.monotonic()
     progress.step(step)
     yield
-    log.info("ingest: %s took %.1f s", step, time.monotonic() - started)
+    log.debug("ingest: %s took %.1f s", step, time.monotonic() - started)
 
 
 @dataclass

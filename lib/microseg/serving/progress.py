@@ -36,7 +36,7 @@ class Progress(logging.Handler):
     gets its line when it has run this many seconds."""
 
     def __init__(
-        self, command: str, *, live: bool | None = None, slow: float = 10.0, tick: float = 1.0
+        self, command: str, *, live: bool | None = None, slow: float = 15.0, tick: float = 1.0
     ) -> None:
         super().__init__(level=logging.INFO)
         self.console = Console(stderr=True, highlight=False)
