@@ -1,0 +1,545 @@
+"""The commands of `microseg`: per command, its arguments and what it runs (one library call,
+then the console report). microseg.cli builds the parser from COMMANDS and runs one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from microseg.core.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Config, argparse.Namespace], int | None]
+    progress: bool = True  # show the stage, step and elapsed time while it runs
+
+
+def _spark(
+    cfg: Config,
+    args: argparse.Namespace,
+    job: str,
+    then: str,
+    *,
+    kafka: bool = False,
+    conf: dict[str, str] | None = None,
+):
+    """The session of command `job` (see microseg.core.spark.build_spark); `then`: the
+    command's progress step once Spark runs (the jobs may say more)."""
+    from microseg.core import progress
+    from microseg.core.spark import build_spark
+
+    progress.step("starting Spark")
+    spark = build_spark(
+        cfg.spark,
+        app_name=f"{cfg.spark.app_name}-{job}",
+        kafka=kafka,
+        conf=conf,
+        verbose=args.verbose,
+    )
+    progress.step(then)
+    return spark
+
+
+def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source", required=True, help="source mapping name (conf/sources/NAME.yaml)"
+    )
+    parser.add_argument("--path", required=True, help="input file, folder (recursive) or glob")
+    parser.add_argument(
+        "--format", choices=("json", "csv", "parquet"), help="override the mapping's input format"
+    )
+    parser.add_argument(
+        "--reprocess",
+        action="store_true",
+        help="read files again even if already ingested (adds nothing that is already there)",
+    )
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.ingest.files import run_ingest
+    from microseg.serving.console import print_ingest_report
+
+    spark = _spark(cfg, args, "ingest", f"reading {args.path}")
+    with recorded(spark, cfg, job="ingest") as run:
+        report = run_ingest(
+            spark,
+            cfg,
+            source=args.source,
+            path=args.path,
+            fmt=args.format,
+            reprocess=args.reprocess,
+            run_id=run.run_id,
+        )
+        run.read("input records", report.records)
+    print_ingest_report(report)
+    return 0
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--users", type=int, help="number of users (default generate.users)")
+    size.add_argument("--events", type=int, help="about this many events (sets the user count)")
+    parser.add_argument("--days", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--format", choices=("json", "parquet"))
+    parser.add_argument("--output", help="output folder (default generate.output)")
+    for fault in ("malformed", "duplicate", "late", "invalid"):
+        parser.add_argument(f"--{fault}-share", type=float, dest=f"{fault}_share")
+
+
+def _generate(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core import progress
+    from microseg.core.config import GenerateConfig
+    from microseg.ingest.generate import estimate_users_for_events, generate
+    from microseg.serving.console import print_generate_manifest
+
+    updates = {
+        k: v for k, v in vars(args).items() if v is not None and k in GenerateConfig.model_fields
+    }
+    if args.events is not None:
+        updates["users"] = estimate_users_for_events(args.events)
+    try:
+        settings = GenerateConfig.model_validate({**cfg.generate.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(
+            f"generate: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+        ) from exc
+    manifest = generate(settings, progress=progress.step)
+    print_generate_manifest(settings, manifest)
+    return 0
+
+
+def _sessionize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--full", action="store_true", help="rebuild all sessions instead of the incremental run"
+    )
+
+
+def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.serving.console import print_sessionize_report
+    from microseg.silver.sessions import run_sessionize
+
+    spark = _spark(cfg, args, "sessionize", "reading new events")
+    with recorded(spark, cfg, job="sessionize") as run:
+        report = run_sessionize(spark, cfg, full=args.full, run_id=run.run_id)
+        run.read("bronze/events", report.new_events)
+    print_sessionize_report(report)
+    return 0
+
+
+def _as_of(text: str):
+    from datetime import datetime, timezone
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not an ISO 8601 time such as 2026-10-01 or 2026-10-01T12:00:00Z"
+        ) from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _features_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="point in time (UTC unless an offset is given); only earlier events are used",
+    )
+
+
+def _features(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.features.user_features import run_features
+    from microseg.serving.console import print_features_report
+
+    spark = _spark(cfg, args, "features", f"computing features as of {args.as_of:%Y-%m-%d %H:%M}")
+    with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
+        result = run_features(spark, cfg, as_of=args.as_of, run_id=run.run_id)
+    print_features_report(spark, cfg, result)
+    return 0
+
+
+def _segments_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=("run", "validate", "show"),
+        help="run: publish members as of --as-of; validate: check the segment file; "
+        "show ID: a segment's definition, version and history",
+    )
+    parser.add_argument("segment_id", nargs="?", help="segment id (for show)")
+    parser.add_argument("--as-of", type=_as_of, help="point in time (for run)")
+    parser.add_argument("--file", help="segment file (default: segments.file)")
+
+
+def _segments(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.segments.model import SegmentFileError
+    from microseg.segments.parse import load_segments
+    from microseg.serving import console as report
+
+    if args.action == "run" and args.as_of is None:
+        raise ConfigError("segments run needs --as-of TIME")
+    if args.action == "show" and not args.segment_id:
+        raise ConfigError("segments show needs a segment id")
+    try:
+        catalog = load_segments(cfg, args.file)
+        if args.action == "validate":
+            _check_sql_without_data(cfg, args, catalog)
+            report.print_segment_validation(catalog)
+            return 0
+    except SegmentFileError as exc:
+        for problem in exc.problems:
+            print(f"microseg segments: {problem}", file=sys.stderr)
+        return 2
+    from microseg.segments.evaluate import run_segments
+
+    spark = _spark(cfg, args, "segments", "reading features and segments")
+    if args.action == "show":
+        try:
+            catalog[args.segment_id]
+        except KeyError:
+            raise ConfigError(
+                f"no segment '{args.segment_id}' in {catalog.path} "
+                f"(ids: {', '.join(catalog.ids())})"
+            ) from None
+        report.print_segment(spark, cfg, catalog, args.segment_id)
+        return 0
+    from microseg.core.runs import recorded
+
+    with recorded(spark, cfg, job="segments run", as_of=args.as_of) as run:
+        result = run_segments(spark, cfg, as_of=args.as_of, path=args.file, run_id=run.run_id)
+    report.print_segments_report(result)
+    return 0
+
+
+def _check_sql_without_data(cfg: Config, args: argparse.Namespace, catalog) -> None:
+    """sql conditions are checked by Spark's analyzer on an empty frame (no job runs)."""
+    from microseg.segments.evaluate import check_sql, feature_frame_schema
+    from microseg.segments.model import sql_conditions
+    from microseg.segments.parse import available_features
+
+    if not any(sql_conditions(s.condition) for s in catalog.segments):
+        return
+    spark = _spark(cfg, args, "segments-validate", "checking sql conditions")
+    schema = feature_frame_schema(available_features(cfg))
+    check_sql(catalog, spark.createDataFrame([], schema))
+
+
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=("train", "assign"), help="train a new model version, or assign users"
+    )
+    parser.add_argument("--as-of", required=True, type=_as_of, help="features snapshot time")
+    parser.add_argument("--version", help="model version to assign with (default: latest)")
+    parser.add_argument(
+        "--ground-truth",
+        metavar="USERS_CSV",
+        help="users.csv of `microseg generate`: report the adjusted Rand index vs personas",
+    )
+
+
+def _cluster(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.ml import clustering
+    from microseg.serving.console import print_cluster_assign, print_cluster_train
+
+    spark = _spark(
+        cfg,
+        args,
+        f"cluster-{args.action}",
+        "training KMeans" if args.action == "train" else "assigning users to clusters",
+    )
+    with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
+        if args.action == "train":
+            result = clustering.train_clusters(
+                spark, cfg, as_of=args.as_of, ground_truth=args.ground_truth, run_id=run.run_id
+            )
+        else:
+            result = clustering.assign_clusters(
+                spark, cfg, as_of=args.as_of, version=args.version, run_id=run.run_id
+            )
+    (print_cluster_train if args.action == "train" else print_cluster_assign)(result)
+    return 0
+
+
+def _propensity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=("train", "score"), help="train a new model version, or score users"
+    )
+    parser.add_argument("--target", required=True, help="target name (propensity.targets)")
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="train: the evaluation snapshot (training snapshots lie before it); score: when",
+    )
+    parser.add_argument("--version", help="model version to score with (default: latest)")
+
+
+def _propensity(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.ml import propensity
+
+    spark = _spark(
+        cfg,
+        args,
+        f"propensity-{args.action}",
+        f"training {args.target}" if args.action == "train" else f"scoring {args.target}",
+    )
+    with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of) as run:
+        if args.action == "train":
+            result = propensity.train_propensity(
+                spark, cfg, target=args.target, as_of=args.as_of, run_id=run.run_id
+            )
+            text = propensity.format_train_report(result)
+        else:
+            result = propensity.score_propensity(
+                spark,
+                cfg,
+                target=args.target,
+                as_of=args.as_of,
+                version=args.version,
+                run_id=run.run_id,
+            )
+            text = propensity.format_score_report(result)
+    print(text)
+    return 0
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        type=_as_of,
+        help="point in time for features, segments and scores (UTC unless an offset is given)",
+    )
+
+
+def _pipeline(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.pipeline import run_pipeline
+    from microseg.serving.console import PipelineProgress
+
+    spark = _spark(cfg, args, "pipeline", "reading the lake")
+    with PipelineProgress() as progress:
+        run_pipeline(spark, cfg, as_of=args.as_of, progress=progress)
+    return 0
+
+
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--available-now",
+        action="store_true",
+        help="process what the source holds now, then stop (instead of running until stopped)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop after this many seconds"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no line per micro-batch with segment changes"
+    )
+
+
+def _stream(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.serving.console import print_stream_changes, print_stream_report
+    from microseg.streaming import query as streaming
+
+    spark = _spark(cfg, args, "stream", "starting the query", kafka=cfg.stream.source == "kafka")
+    with recorded(spark, cfg, job="stream") as run:
+        report = streaming.run_stream(
+            spark,
+            cfg,
+            run_id=run.run_id,
+            available_now=args.available_now,
+            timeout=args.timeout,
+            on_changes=None if args.quiet else print_stream_changes,
+        )
+    print_stream_report(report)
+    return 0
+
+
+def _register(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.serving.console import print_register_report
+    from microseg.serving.sql_catalog import register_tables, session_settings
+
+    spark = _spark(cfg, args, "register", "registering tables", conf=session_settings(cfg))
+    report = register_tables(spark, cfg.lake.root, prefix=cfg.sql.database_prefix)
+    print_register_report(report)
+    return 0
+
+
+def _sql_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (default sql.host)")
+    parser.add_argument("--port", type=int, help="port (default sql.port)")
+
+
+def _sql_server(cfg: Config, args: argparse.Namespace) -> int:
+    import subprocess
+
+    from microseg.serving.sql_catalog import run_thrift_server
+
+    # Register first, in a process of its own: a local Derby metastore admits one JVM, and
+    # this process's JVM would keep it open.
+    register = [sys.executable, "-m", "microseg", "register"]
+    if args.conf:
+        register += ["--conf", args.conf]
+    for override in args.overrides:
+        register += ["--set", override]
+    if args.verbose:
+        register.append("--verbose")
+    registered = subprocess.run(register, check=False)
+    if registered.returncode != 0:
+        return registered.returncode
+    host, port = args.host or cfg.sql.host, args.port or cfg.sql.port
+    print(f"microseg sql-server: Spark Thrift Server on jdbc:hive2://{host}:{port}/ (Ctrl-C stops)")
+    sys.stdout.flush()
+    return run_thrift_server(cfg, host=host, port=port)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        metavar="PATH",
+        default="report/microseg-report.html",
+        help="HTML file to write (default: report/microseg-report.html, relative to the "
+        "current directory)",
+    )
+
+
+def _report(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.serving.html_report import write_report
+
+    spark = _spark(cfg, args, "report", "reading the lake")
+    written = write_report(spark, cfg.lake.root, args.output)
+    print(
+        f"{written.path} ({written.charts} charts, {written.bytes / 1e6:.1f} MB; "
+        "self-contained: open it in a browser)"
+    )
+    return 0
+
+
+def _runs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    parser.add_argument("--job", help="only this job, e.g. ingest or 'segments run'")
+
+
+def _runs(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recent_runs
+    from microseg.serving.console import print_runs
+
+    spark = _spark(cfg, args, "runs", "reading ops/runs")
+    print_runs(recent_runs(spark, cfg.lake.root, limit=args.limit, job=args.job))
+    return 0
+
+
+def _status(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core import lake
+    from microseg.ingest.quarantine import reason_counts
+    from microseg.serving.console import print_status
+
+    spark = _spark(cfg, args, "status", "counting rows")
+    tables = lake.summarize(spark, cfg.lake.root)
+    print_status(cfg.lake.root, tables, reason_counts(spark, cfg.lake.root))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "generate",
+            "write a synthetic event dataset with ground-truth personas",
+            _generate_arguments,
+            _generate,
+        ),
+        Command(
+            "ingest",
+            "validate input files into bronze/events and bronze/quarantine",
+            _ingest_arguments,
+            _ingest,
+        ),
+        Command(
+            "sessionize",
+            "build silver/identity_map and silver/sessions (incremental)",
+            _sessionize_arguments,
+            _sessionize,
+        ),
+        Command(
+            "features",
+            "compute gold/user_features as of a point in time",
+            _features_arguments,
+            _features,
+        ),
+        Command(
+            "segments",
+            "rule segments: run --as-of T, validate, show ID",
+            _segments_arguments,
+            _segments,
+        ),
+        Command(
+            "cluster",
+            "KMeans behavioral clusters: train --as-of T, assign --as-of T",
+            _cluster_arguments,
+            _cluster,
+        ),
+        Command(
+            "propensity",
+            "GBT propensity models: train --target X --as-of T, score --target X --as-of T",
+            _propensity_arguments,
+            _propensity,
+        ),
+        Command(
+            "pipeline",
+            "ingest new files, then sessions, features, segments, clusters, scores as of T",
+            _pipeline_arguments,
+            _pipeline,
+        ),
+        Command(
+            "stream",
+            "keep streaming-capable segments fresh with Structured Streaming (Delta or Kafka)",
+            _stream_arguments,
+            _stream,
+        ),
+        Command(
+            "register",
+            "register the lake's tables by name (gold.segment_membership, ...) and BI views",
+            lambda parser: None,
+            _register,
+        ),
+        Command(
+            "sql-server",
+            "register the tables, then serve them over JDBC/ODBC with the Spark Thrift Server",
+            _sql_server_arguments,
+            _sql_server,
+            progress=False,  # the server's own log is its progress, until it is stopped
+        ),
+        Command(
+            "report",
+            "write a self-contained HTML report of segments, models, quarantine and runs",
+            _report_arguments,
+            _report,
+        ),
+        Command(
+            "runs",
+            "list recent job runs from ops/runs",
+            _runs_arguments,
+            _runs,
+        ),
+        Command(
+            "status",
+            "list the lake's tables with row counts, and quarantine reasons",
+            lambda parser: None,
+            _status,
+        ),
+    )
+}
