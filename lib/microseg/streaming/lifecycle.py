@@ -34,7 +34,8 @@ class BatchGate:
         self._changed = threading.Condition()
         self._running = 0
         self._closed = False
-        self.held = False  # a micro-batch came after the gate closed and waits for stop()
+        # the id of a micro-batch that came after the gate closed and waits for stop()
+        self.held: int | None = None
 
     def wrap(self, write: BatchFunction) -> BatchFunction:
         """`write`, run only while the gate is open."""
@@ -44,7 +45,7 @@ class BatchGate:
                 closed = self._closed
                 self._running += 0 if closed else 1
             if closed:
-                self.held = True
+                self.held = batch_id
                 _hold_until_stopped(batch_df.sparkSession)  # raises when stop() comes
             try:
                 write(batch_df, batch_id)
@@ -108,7 +109,7 @@ def stop_between_batches(
     for query in queries:
         while (
             query.isActive
-            and not gate.held
+            and gate.held is None
             and query.status["isTriggerActive"]
             and time.monotonic() < deadline
         ):
