@@ -528,7 +528,7 @@ SHARED_FEATURES = [*FEATURE_INTS, *FEATURE_FLOATS, *FEATURE_STRINGS]
 def microseg_features(ctx: Context) -> tuple[Path, dict]:
     from microseg.core import lake
     from microseg.core.config import load_config
-    from microseg.features.user_features import run_features
+    from microseg.features.job import run_features
 
     cfg = ctx.data.cfg
     if ctx.args.microseg_features == "shared":

@@ -11,11 +11,11 @@ from tests.test_sessions import ev, events_df, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
+from microseg.features.job import run_features
 from microseg.features.user_features import (
     FEATURES,
     compute_features,
     keyed_events_before,
-    run_features,
     select_features,
 )
 

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from tests.test_sessions import ev, write_bronze
 
 from microseg.core import lake
-from microseg.features.user_features import run_features
+from microseg.features.job import run_features
 from microseg.segments import membership
 from microseg.segments.evaluate import run_segments
 

@@ -23,7 +23,7 @@ from tests.test_sessions import T0, ev, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
-from microseg.features.user_features import run_features
+from microseg.features.job import run_features
 from microseg.segments.evaluate import run_segments
 from microseg.segments.parse import load_segments
 from microseg.silver.sessions import run_sessionize

@@ -156,16 +156,24 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
         type=_as_of,
         help="point in time (UTC unless an offset is given); only earlier events are used",
     )
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="recompute from every event before the as-of time instead of from silver's "
+        "sessions and rollups (slower; the same result, kept as a check)",
+    )
 
 
 def _features(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
-    from microseg.features.user_features import run_features
+    from microseg.features.job import run_features
     from microseg.serving.console import print_features_report
 
     spark = _spark(cfg, args, "features", f"computing features as of {args.as_of:%Y-%m-%d %H:%M}")
     with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
-        result = run_features(spark, cfg, as_of=args.as_of, run_id=run.run_id)
+        result = run_features(
+            spark, cfg, as_of=args.as_of, run_id=run.run_id, from_scratch=args.from_scratch
+        )
     print_features_report(spark, cfg, result)
     return 0
 

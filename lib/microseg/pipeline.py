@@ -101,12 +101,12 @@ def _features_current(spark, cfg, as_of) -> bool:
 
 
 def _features(spark, cfg, as_of):
-    from microseg.features.user_features import run_features
+    from microseg.features.job import run_features
 
     if _features_current(spark, cfg, as_of):
         return "skipped", None, "features as of T are newer than the latest ingested event"
     with recorded(spark, cfg, job="features", as_of=as_of) as run:
-        report = run_features(spark, cfg, as_of=as_of, run_id=run.run_id)
+        report = run_features(spark, cfg, as_of=as_of, run_id=run.run_id, refresh_silver=False)
     return "done", report.users, f"{report.features} features"
 
 

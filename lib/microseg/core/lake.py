@@ -52,6 +52,12 @@ SESSIONS = Table(
     schemas.SESSIONS,
     comment="One row per session; session_id deterministic.",
 )
+USER_DAYS = Table(
+    "silver/user_days",
+    schemas.USER_DAYS,
+    comment="Per raw key and day: event counts, first/last times, per-category and per-hour "
+    "counts; maintained incrementally by sessionize.",
+)
 USER_FEATURES = Table(
     "gold/user_features",
     schemas.USER_FEATURES_KEYS,
@@ -177,6 +183,7 @@ ALL_TABLES = (
     INGESTED_FILES,
     IDENTITY_MAP,
     SESSIONS,
+    USER_DAYS,
     USER_FEATURES,
     SEGMENT_MEMBERSHIP,
     SEGMENT_CHANGES,
@@ -192,6 +199,13 @@ def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> 
     """Replace the table's contents in one atomic commit (schema and partitioning kept)."""
     ensure_table(spark, root, table)
     conform(rows, table).write.format("delta").mode("overwrite").save(table_path(root, table))
+
+
+def last_commit_rows(spark: SparkSession, root: str, table: Table) -> int:
+    """Rows written by the table's latest commit (a write's numOutputRows), from the Delta
+    log instead of counting them again."""
+    last = DeltaTable.forPath(spark, table_path(root, table)).history(1).first()
+    return int((last["operationMetrics"] or {}).get("numOutputRows") or 0)
 
 
 def read_watermark(spark: SparkSession, root: str, job: str):

@@ -158,6 +158,34 @@ SESSIONS = T.StructType(
         ),
         _field("first_event_id", STRING, False, "event_id of the first event"),
         _field("session_date", T.DateType(), False, "UTC date of session_start"),
+        _field(
+            "anonymous_ids",
+            T.ArrayType(STRING),
+            False,
+            "Anonymous ids of its events without a user id that are stitched to user_key "
+            "(sorted); as of a time before their link was first seen, they are not",
+        ),
+    ]
+)
+
+# silver/user_days: additive rollups of bronze/events per raw key and day, which features
+# sum over their windows (features.point_in_time) instead of reading every event again.
+USER_DAYS = T.StructType(
+    [
+        _field("raw_key", STRING, False, "user_id, else anon:<anonymous_id> (not stitched)"),
+        _field("anonymous_id", STRING, True, "The anonymous id of an anon: raw key, else null"),
+        _field("event_date", T.DateType(), False, "UTC date"),
+        _field("events", LONG, False, "Events of the raw key that day"),
+        _field("first_event", TIMESTAMP, False, "First event time that day"),
+        _field("last_event", TIMESTAMP, False, "Last event time that day"),
+        _field("last_purchase", TIMESTAMP, True, "Last purchase event time that day"),
+        _field(
+            "category_events",
+            T.MapType(STRING, LONG),
+            False,
+            "Events per category (events with a category)",
+        ),
+        _field("hour_events", T.MapType(INT, LONG), False, "Events per hour of day"),
     ]
 )
 

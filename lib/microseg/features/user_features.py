@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from microseg.core import lake
-from microseg.core.config import Config, ConfigError
-from microseg.core.runs import new_run_id
+from microseg.core.config import ConfigError
 from microseg.silver.sessions import identity_map, sessionize, with_user_key
 
 WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "90d": 90, "lifetime": None}
@@ -201,7 +199,7 @@ def _in_window(time_col: str, as_of: datetime, days: int | None) -> Column:
     return F.col(time_col) >= F.lit(as_of - timedelta(days=days))
 
 
-def _session_aggregates(sessions_df: DataFrame, as_of: datetime) -> DataFrame:
+def session_aggregates(sessions_df: DataFrame, as_of: datetime) -> DataFrame:
     aggs = []
     for w, days in WINDOWS.items():
         inside = _in_window("session_start", as_of, days)
@@ -242,18 +240,24 @@ def _event_aggregates(events_df: DataFrame) -> DataFrame:
     )
 
 
-def _mode(events_df: DataFrame, value: Column, name: str) -> DataFrame:
-    """Per user, the most frequent value (ties: the smallest value)."""
-    counts_df = (
-        events_df.filter(value.isNotNull()).groupBy("user_key", value.alias("_value")).count()
-    )
+def mode_of(counts_df: DataFrame, name: str) -> DataFrame:
+    """Per user, from (user_key, _value, count) rows: the most frequent value (ties: the
+    smallest value) as `name`, and its share of the counts as `name`_share."""
     return counts_df.groupBy("user_key").agg(
         F.min_by("_value", F.struct(-F.col("count"), F.col("_value"))).alias(name),
         (F.max("count") / F.sum("count")).alias(f"{name}_share"),
     )
 
 
-def _unbought_views_7d(events_df: DataFrame, as_of: datetime) -> DataFrame:
+def _mode(events_df: DataFrame, value: Column, name: str) -> DataFrame:
+    """Per user, the most frequent value (ties: the smallest value)."""
+    return mode_of(
+        events_df.filter(value.isNotNull()).groupBy("user_key", value.alias("_value")).count(),
+        name,
+    )
+
+
+def unbought_views_7d(events_df: DataFrame, as_of: datetime) -> DataFrame:
     recent_df = events_df.filter(
         _in_window("event_time", as_of, 7) & F.col("product_id").isNotNull()
     )
@@ -308,7 +312,9 @@ def compute_features(
     inactivity_timeout: timedelta,
     max_session_length: timedelta,
 ) -> DataFrame:
-    """One row per user key: user_key, as_of, then the features in order.
+    """From scratch: one row per user key (user_key, as_of, then the features in order) from
+    every event before as_of, sessions rebuilt from them. The definition that
+    features.point_in_time (what `microseg features` runs) must equal row for row.
 
     keyed_df must come from keyed_events_before(events, as_of) (persist it: it is read five
     times). RFM boundaries are computed here with one small action.
@@ -316,9 +322,8 @@ def compute_features(
     sessions_df = sessionize(
         keyed_df, inactivity_timeout=inactivity_timeout, max_session_length=max_session_length
     )
-    base_df = (
+    event_level_df = (
         _event_aggregates(keyed_df)
-        .join(_session_aggregates(sessions_df, as_of), on="user_key", how="left")
         .join(_mode(keyed_df, F.col("category"), "_top_category"), on="user_key", how="left")
         .join(_mode(keyed_df, F.hour("event_time"), "_preferred_hour"), on="user_key", how="left")
         .join(
@@ -326,7 +331,29 @@ def compute_features(
             on="user_key",
             how="left",
         )
-        .join(_unbought_views_7d(keyed_df, as_of), on="user_key", how="left")
+    )
+    return assemble(
+        event_level_df,
+        sessions_df,
+        unbought_views_7d(keyed_df, as_of),
+        as_of=as_of,
+        features=features,
+    )
+
+
+def assemble(
+    event_level_df: DataFrame,
+    sessions_df: DataFrame,
+    unbought_df: DataFrame,
+    *,
+    as_of: datetime,
+    features: list[Feature],
+) -> DataFrame:
+    """The feature rows from their parts: per-user event aggregates (one row per user key
+    with an event before as_of), the sessions before as_of, and unbought_views_7d."""
+    base_df = (
+        event_level_df.join(session_aggregates(sessions_df, as_of), on="user_key", how="left")
+        .join(unbought_df, on="user_key", how="left")
         .withColumn("_as_of", F.lit(as_of))
     )
     return _rfm_scores(base_df).select(
@@ -334,56 +361,3 @@ def compute_features(
         F.col("_as_of").alias("as_of"),
         *[f.expression().alias(f.name) for f in features],
     )
-
-
-# --------------------------------------------------------------------------------------
-# the job
-
-
-@dataclass
-class FeaturesReport:
-    run_id: str
-    as_of: datetime
-    users: int
-    features: int
-
-
-def run_features(
-    spark: SparkSession, cfg: Config, *, as_of: datetime, run_id: str | None = None
-) -> FeaturesReport:
-    """Compute features as of `as_of` and replace that as-of's rows in gold/user_features."""
-    root = cfg.lake.root
-    if not lake.table_exists(spark, root, lake.EVENTS):
-        raise FileNotFoundError(f"no bronze/events table under {root}: run `microseg ingest` first")
-    as_of = as_of.astimezone(timezone.utc).replace(tzinfo=None) if as_of.tzinfo else as_of
-    features = select_features(cfg.features.include)
-    run_id = run_id or new_run_id()
-    keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of).persist()
-    features_df = (
-        compute_features(
-            keyed_df,
-            as_of=as_of,
-            features=features,
-            inactivity_timeout=cfg.sessions.inactivity_timeout,
-            max_session_length=cfg.sessions.max_session_length,
-        )
-        .select(
-            "*",
-            F.to_date("as_of").alias("as_of_date"),
-            F.current_timestamp().alias("computed_at"),
-            F.lit(run_id).alias("run_id"),
-        )
-        .persist()
-    )
-    users = features_df.count()
-    (
-        features_df.write.format("delta")
-        .mode("overwrite")
-        .option("replaceWhere", f"as_of = TIMESTAMP '{as_of.isoformat(sep=' ')}'")
-        .option("mergeSchema", "true")
-        .partitionBy("as_of_date")
-        .save(lake.table_path(root, lake.USER_FEATURES))
-    )
-    features_df.unpersist()
-    keyed_df.unpersist()
-    return FeaturesReport(run_id=run_id, as_of=as_of, users=users, features=len(features))

@@ -24,8 +24,9 @@ from pyspark.sql import functions as F
 from microseg.core import lake, progress
 from microseg.core.config import Config
 from microseg.core.runs import new_run_id
+from microseg.silver import rollups
+from microseg.silver.keys import ANON_PREFIX, user_key_of
 
-ANON_PREFIX = "anon:"
 JOB = "sessionize"
 BROADCAST_IDENTITIES = 2_000_000  # identity maps up to this many rows are broadcast
 
@@ -73,10 +74,6 @@ def with_user_key(
             "user_key"
         ),
     )
-
-
-def user_key_of(user_id: Column, anonymous_id: Column, mapped_key: Column) -> Column:
-    return F.coalesce(user_id, mapped_key, F.concat(F.lit(ANON_PREFIX), anonymous_id))
 
 
 # --------------------------------------------------------------------------------------
@@ -171,6 +168,15 @@ def sessionize(
         F.min_by("utm_source", order).alias("utm_source"),
         F.min_by("utm_medium", order).alias("utm_medium"),
         F.min_by("utm_campaign", order).alias("utm_campaign"),
+        F.array_sort(
+            F.collect_set(
+                F.when(
+                    F.col("user_id").isNull()
+                    & (F.col("user_key") != F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id"))),
+                    F.col("anonymous_id"),
+                )
+            )
+        ).alias("anonymous_ids"),
     )
     return sessions_df.select(
         F.substring(F.sha2(F.concat_ws("\u001f", "user_key", "first_event_id"), 256), 1, 32).alias(
@@ -213,6 +219,7 @@ def sessionize(
         "visit_start",
         "first_event_id",
         F.to_date("session_start").alias("session_date"),
+        "anonymous_ids",
     )
 
 
@@ -259,7 +266,8 @@ def affected_ranges(
 def run_sessionize(
     spark: SparkSession, cfg: Config, *, full: bool = False, run_id: str | None = None
 ) -> SessionizeReport:
-    """Bring silver/identity_map and silver/sessions up to date with bronze/events.
+    """Bring silver/identity_map, silver/sessions and silver/user_days up to date with
+    bronze/events.
 
     Reads the events ingested since the last run (ingested_at after the stored watermark minus
     `sessions.lookback`), rebuilds the sessions of the user keys they touch from the point
@@ -273,7 +281,7 @@ def run_sessionize(
         raise FileNotFoundError(f"no bronze/events table under {root}: run `microseg ingest` first")
     events_df = lake.read_table(spark, root, lake.EVENTS)
     watermark = None if full else lake.read_watermark(spark, root, JOB)
-    if not lake.table_exists(spark, root, lake.SESSIONS):
+    if not _silver_complete(spark, root):
         watermark = None
     latest = events_df.agg(F.max("ingested_at")).first()[0]
     if latest is None or (watermark is not None and latest <= watermark):
@@ -320,6 +328,13 @@ def run_sessionize(
             _incremental(
                 spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
             )
+        progress.step("rolling up events per user and day")
+        new_df = (
+            None
+            if watermark is None
+            else events_df.filter(F.col("ingested_at") > F.lit(watermark - conf.lookback))
+        )
+        rollups.refresh_user_days(spark, root, events_df, new_df)
         progress.step("writing silver/identity_map")
         lake.overwrite(
             spark,
@@ -331,6 +346,14 @@ def run_sessionize(
     finally:
         identity_df.unpersist()
     return report
+
+
+def _silver_complete(spark: SparkSession, root: str) -> bool:
+    return (
+        lake.table_exists(spark, root, lake.SESSIONS)
+        and lake.table_exists(spark, root, lake.USER_DAYS)
+        and "anonymous_ids" in lake.read_table(spark, root, lake.SESSIONS).columns
+    )
 
 
 def _incremental(

@@ -25,7 +25,8 @@ from microseg.segments.model import (
     SegmentCatalog,
     facts_of,
 )
-from microseg.silver.sessions import user_key_of, with_user_key
+from microseg.silver.keys import user_key_of
+from microseg.silver.sessions import with_user_key
 
 # --------------------------------------------------------------------------------------
 # which segments, and what the state must keep for them

@@ -13,9 +13,11 @@ from microseg.core import lake
 from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.features import snapshots
-from microseg.features.user_features import keyed_events_before, run_features
+from microseg.features.job import run_features
+from microseg.features.user_features import keyed_events_before
 from microseg.ml.propensity.targets import HEURISTICS, LABEL, model_features, target_spec
-from microseg.silver.sessions import ANON_PREFIX, identity_map, with_user_key
+from microseg.silver.keys import ANON_PREFIX
+from microseg.silver.sessions import identity_map, with_user_key
 
 
 def window_buyers(events_df: DataFrame, *, start: datetime, end: datetime) -> DataFrame:
@@ -168,7 +170,8 @@ def ensure_snapshots(
     computed = []
     for as_of in as_ofs:
         if as_of not in present:
-            run_features(spark, cfg, as_of=as_of, run_id=run_id)
+            # silver is brought up to date once, before the first
+            run_features(spark, cfg, as_of=as_of, run_id=run_id, refresh_silver=not computed)
             computed.append(as_of)
     return computed
 
