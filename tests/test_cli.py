@@ -254,3 +254,23 @@ def test_runs_offline_once_the_jars_are_cached(spark, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2,000" in result.stdout
+
+
+def test_batch_runs_each_line_and_stops_at_the_first_failure(tmp_path, capsys):
+    steps = tmp_path / "steps.txt"
+    steps.write_text(
+        "## checking the rules\n"
+        "# a comment line\n"
+        "\n"
+        "microseg segments validate\n"
+        "features --as-of yesterday\n"
+        "segments validate\n"
+    )
+    assert main(job_args(tmp_path, "batch", str(steps))) == 2
+    out, err = capsys.readouterr()
+    assert "== checking the rules" in out
+    assert out.count("conf/segments.yaml: 12 segments, no problems") == 1  # not line 6
+    assert "microseg features: error: argument --as-of" in err
+    assert "microseg batch: line 5 failed (features --as-of yesterday)" in err
+    assert main(job_args(tmp_path, "batch", str(tmp_path / "missing.txt"))) == 2
+    assert "missing.txt" in capsys.readouterr().err

@@ -59,7 +59,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for command in COMMANDS.values():
         command.add_arguments(sub.add_parser(command.name, help=command.help, parents=[common]))
+    batch = sub.add_parser(
+        "batch",
+        help="run a file of microseg commands in one process and one Spark session",
+        parents=[common],
+    )
+    batch.add_argument(
+        "file",
+        help="one command per line, without `microseg` (`-`: standard input); `#` starts a "
+        "comment, `## text` prints text as a heading; --conf/--set/--verbose given to batch "
+        "apply to every line",
+    )
     return parser
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Run each line's command through main() in this process: the first one that needs
+    Spark starts it, the others reuse the session (no JVM start, warm caches). Stops at the
+    first line that fails and returns its exit status."""
+    import shlex
+
+    from rich.console import Console
+
+    shared = [
+        *(["--conf", args.conf] if args.conf else []),
+        *[option for value in args.overrides for option in ("--set", value)],
+        *(["--verbose"] if args.verbose else []),
+    ]
+    with sys.stdin if args.file == "-" else open(args.file, encoding="utf-8") as lines:
+        steps = list(enumerate(lines, 1))
+    console = Console(highlight=False)
+    for number, line in steps:
+        text = line.strip()
+        if text.startswith("##"):
+            console.print(f"\n[bold]== {text[2:].strip()}[/bold]")
+            continue
+        if not text or text.startswith("#"):
+            continue
+        argv = shlex.split(text)
+        argv = argv[1:] if argv[0] == "microseg" else argv
+        if argv[0] == "batch":
+            print(f"microseg batch: line {number}: a batch cannot run a batch", file=sys.stderr)
+            return 2
+        try:
+            status = main([*argv, *shared])
+        except SystemExit as exc:  # a usage error on that line (argparse exits)
+            status = exc.code if isinstance(exc.code, int) else 2
+        if status:
+            print(f"microseg batch: line {number} failed ({text})", file=sys.stderr)
+            return status
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -116,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.verbose:  # libraries' deprecation notices are not the user's concern
                 warnings.simplefilter("ignore")
+            if args.command == "batch":
+                return _batch(args)
             cfg = load_config(resolve_conf_path(args.conf), args.overrides)
             status = _run(COMMANDS[args.command], cfg, args)
     except ConfigError as exc:
