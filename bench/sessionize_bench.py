@@ -22,10 +22,11 @@ Stage "features" (user features as of a time T, --as-of; by default the UTC midn
 before the latest event) times
 
 * microseg: `run_features(spark, cfg, as_of=T)`, which computes all of its features (or,
-  with --microseg-features shared, only the ten below) from bronze/events strictly before T:
-  it learns the identity map from those events, rebuilds their sessions and writes
-  gold/user_features. It does not read silver/sessions, so it does not depend on the
-  sessionize stage, and neither do the other two systems;
+  with --microseg-features shared, only the ten below) from silver (sessions, identity map
+  and the user_days rollups that the sessionize stage maintains; when that stage did not
+  run, run_features brings silver up to date first and that time counts here) plus bronze
+  at the open edge around T, and writes gold/user_features. "sessionize + features" is the
+  like-for-like sum against the other two systems, which rebuild sessions from the events;
 * duckdb: the same events before T through bench/duckdb_sessions.sql, then
   bench/duckdb_features.sql, written with `deltalake.write_deltalake`;
 * naive: Spark filter and identity join, then groupBy("user_key").applyInPandas that
