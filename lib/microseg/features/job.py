@@ -48,10 +48,11 @@ def run_features(
     features = select_features(cfg.features.include)
     run_id = run_id or new_run_id()
     sessions = cfg.sessions
+    keyed_df = None
     if from_scratch:
-        events_df = lake.read_table(spark, root, lake.EVENTS)
+        keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of).persist()
         features_df = compute_features(
-            keyed_events_before(events_df, as_of),
+            keyed_df,
             as_of=as_of,
             features=features,
             inactivity_timeout=sessions.inactivity_timeout,
@@ -69,6 +70,17 @@ def run_features(
             max_session_length=sessions.max_session_length,
         )
     progress.step(f"writing {lake.USER_FEATURES.name}")
+    try:
+        _write(features_df, root=root, as_of=as_of, run_id=run_id)
+    finally:
+        if keyed_df is not None:
+            keyed_df.unpersist()
+    users = lake.last_commit_rows(spark, root, lake.USER_FEATURES)
+    return FeaturesReport(run_id=run_id, as_of=as_of, users=users, features=len(features))
+
+
+def _write(features_df, *, root: str, as_of: datetime, run_id: str) -> None:
+    """Replace the as-of's rows of gold/user_features with features_df (one commit)."""
     (
         features_df.select(
             "*",
@@ -83,5 +95,3 @@ def run_features(
         .partitionBy("as_of_date")
         .save(lake.table_path(root, lake.USER_FEATURES))
     )
-    users = lake.last_commit_rows(spark, root, lake.USER_FEATURES)
-    return FeaturesReport(run_id=run_id, as_of=as_of, users=users, features=len(features))
