@@ -106,6 +106,19 @@ def table_exists(spark: SparkSession, root: str, table: Table) -> bool:
     return DeltaTable.isDeltaTable(spark, table_path(root, table))
 
 
+def table_version(spark: SparkSession, root: str, table: Table) -> int | None:
+    """The table's latest Delta version (None if there is no table), from its log on the
+    driver: no Spark job, unlike `DeltaTable.history(1)` (a job per table, ~0.25 s each)."""
+    jvm = spark._jvm
+    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
+    delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(
+        spark._jsparkSession, table_path(root, table)
+    )
+    if not delta_log.tableExists():
+        return None
+    return int(delta_log.update(False, none, none).version())
+
+
 def conform(df: DataFrame, table: Table) -> DataFrame:
     """Select exactly the table's columns, in order, cast to the declared types."""
     return df.select([df[f.name].cast(f.dataType).alias(f.name) for f in table.schema.fields])

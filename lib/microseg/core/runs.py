@@ -68,10 +68,8 @@ def table_versions(spark: SparkSession, root: str) -> dict[str, int]:
     """Latest Delta version of every lake table that exists (ops/runs itself excluded)."""
     versions = {}
     for table in lake.ALL_TABLES:
-        if table is lake.RUNS or not lake.table_exists(spark, root, table):
-            continue
-        path = lake.table_path(root, table)
-        versions[table.name] = DeltaTable.forPath(spark, path).history(1).first()["version"]
+        if table is not lake.RUNS and (version := lake.table_version(spark, root, table)) is not None:
+            versions[table.name] = version
     return versions
 
 

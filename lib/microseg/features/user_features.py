@@ -273,7 +273,11 @@ def unbought_views_7d(events_df: DataFrame, as_of: datetime) -> DataFrame:
 
 
 def _rfm_scores(base_df: DataFrame) -> DataFrame:
-    """Quintile scores 1-5 among buyers, from approximate quantile boundaries (no global sort)."""
+    """Quintile scores 1-5 among buyers, from approximate quantile boundaries (no global sort).
+
+    base_df is materialized once (a local checkpoint, freed with the frame): the boundaries
+    and the caller's write then read it instead of computing the whole plan twice."""
+    base_df = base_df.localCheckpoint(eager=True)
     buyers = F.col("_orders_lifetime") > 0
     recency = _days_since("_last_purchase")()
     metrics = {
