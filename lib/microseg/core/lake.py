@@ -50,6 +50,7 @@ IDENTITY_MAP = Table(
 SESSIONS = Table(
     "silver/sessions",
     schemas.SESSIONS,
+    partition_by=("session_date",),
     comment="One row per session; session_id deterministic.",
 )
 USER_DAYS = Table(
@@ -209,9 +210,25 @@ ALL_TABLES = (
 
 
 def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> None:
-    """Replace the table's contents in one atomic commit (schema and partitioning kept)."""
-    ensure_table(spark, root, table)
-    conform(rows, table).write.format("delta").mode("overwrite").save(table_path(root, table))
+    """Replace the table's contents in one atomic commit, with its declared schema and
+    partitioning (a table an older release wrote with other columns or partitions takes
+    them on)."""
+    writer = conform(rows, table).write.format("delta").mode("overwrite")
+    current = layout(spark, root, table)
+    if current is None:
+        ensure_table(spark, root, table)
+    elif current != (tuple(table.schema.names), table.partition_by):
+        writer = writer.option("overwriteSchema", "true")
+    writer.partitionBy(*table.partition_by).save(table_path(root, table))
+
+
+def layout(spark: SparkSession, root: str, table: Table) -> tuple[tuple, tuple] | None:
+    """(column names, partition columns) of the table as it is in the lake; None if absent."""
+    if not table_exists(spark, root, table):
+        return None
+    detail = DeltaTable.forPath(spark, table_path(root, table)).detail().first()
+    columns = read_table(spark, root, table).columns
+    return tuple(columns), tuple(detail["partitionColumns"])
 
 
 def last_commit_rows(spark: SparkSession, root: str, table: Table) -> int:

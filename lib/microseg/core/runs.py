@@ -66,11 +66,9 @@ def new_run_id() -> str:
 
 def table_versions(spark: SparkSession, root: str) -> dict[str, int]:
     """Latest Delta version of every lake table that exists (ops/runs itself excluded)."""
-    versions = {}
-    for table in lake.ALL_TABLES:
-        if table is not lake.RUNS and (version := lake.table_version(spark, root, table)) is not None:
-            versions[table.name] = version
-    return versions
+    tables = [t for t in lake.ALL_TABLES if t is not lake.RUNS]
+    found = {t.name: lake.table_version(spark, root, t) for t in tables}
+    return {name: version for name, version in found.items() if version is not None}
 
 
 def _written(spark: SparkSession, root: str, name: str, after: int) -> int:

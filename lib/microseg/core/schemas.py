@@ -103,6 +103,7 @@ IDENTITY_MAP = T.StructType(
         _field("anonymous_id", STRING, False, "Anonymous (cookie / device) id"),
         _field("user_key", STRING, False, "The user id it is stitched to"),
         _field("user_ids_seen", LONG, False, "Distinct user ids seen with it"),
+        _field("user_ids", T.ArrayType(STRING), False, "Those user ids (sorted)"),
         _field("is_conflict", BOOLEAN, False, "Seen with more than one user id"),
         _field("first_seen", TIMESTAMP, False, "First event with it and a user id"),
         _field("last_seen", TIMESTAMP, False, "Last event with it and a user id"),

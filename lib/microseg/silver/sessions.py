@@ -46,9 +46,53 @@ def identity_map(events_df: DataFrame) -> DataFrame:
     return pairs_df.groupBy("anonymous_id").agg(
         F.min_by("user_id", F.struct("pair_first", "user_id")).alias("user_key"),
         F.count(F.lit(1)).alias("user_ids_seen"),
+        F.array_sort(F.collect_list("user_id")).alias("user_ids"),
         (F.count(F.lit(1)) > 1).alias("is_conflict"),
         F.min("pair_first").alias("first_seen"),
         F.max("pair_last").alias("last_seen"),
+    )
+
+
+def merge_identities(previous_df: DataFrame, batch_df: DataFrame) -> DataFrame:
+    """The identity map of two sets of events (overlapping or not) from the map of each:
+    the earliest link wins in both, so the winner of the union is the earlier of the two
+    winners; the user ids seen are the union of both. Same columns as identity_map."""
+    p, b = previous_df.alias("p"), batch_df.alias("b")
+    link = F.least(  # least skips a null struct (the side without the id)
+        *[
+            F.when(
+                F.col(f"{side}.user_key").isNotNull(),
+                F.struct(
+                    F.col(f"{side}.first_seen").alias("t"), F.col(f"{side}.user_key").alias("k")
+                ),
+            )
+            for side in ("p", "b")
+        ]
+    )
+    user_ids = F.array_sort(
+        F.array_union(
+            F.coalesce(F.col("p.user_ids"), F.array().cast("array<string>")),
+            F.coalesce(F.col("b.user_ids"), F.array().cast("array<string>")),
+        )
+    )
+    return (
+        p.join(b, on="anonymous_id", how="full")
+        .select(
+            "anonymous_id",
+            link["k"].alias("user_key"),
+            user_ids.alias("user_ids"),
+            F.least("p.first_seen", "b.first_seen").alias("first_seen"),
+            F.greatest("p.last_seen", "b.last_seen").alias("last_seen"),
+        )
+        .select(
+            "anonymous_id",
+            "user_key",
+            F.size("user_ids").cast("long").alias("user_ids_seen"),
+            "user_ids",
+            (F.size("user_ids") > 1).alias("is_conflict"),
+            "first_seen",
+            "last_seen",
+        )
     )
 
 
@@ -270,9 +314,11 @@ def run_sessionize(
     bronze/events.
 
     Reads the events ingested since the last run (ingested_at after the stored watermark minus
-    `sessions.lookback`), rebuilds the sessions of the user keys they touch from the point
-    they can reach (see affected_ranges), and replaces those sessions with one MERGE. The
-    first run, or `full`, rebuilds everything.
+    `sessions.lookback`), merges their identity links into the map, rebuilds the sessions of
+    the user keys they touch (or whose stitching changed) from the point they can reach (see
+    affected_ranges), reading bronze only from the earliest such point, and replaces those
+    sessions with one MERGE bounded to the dates it can touch. The first run, or `full`,
+    rebuilds everything.
     """
     root = cfg.lake.root
     conf = cfg.sessions
@@ -283,7 +329,10 @@ def run_sessionize(
     watermark = None if full else lake.read_watermark(spark, root, JOB)
     if not _silver_complete(spark, root):
         watermark = None
-    latest = events_df.agg(F.max("ingested_at")).first()[0]
+    # ingested_at has file statistics: an incremental run reads only the newer files
+    since = None if watermark is None else watermark - conf.lookback
+    new_df = events_df if since is None else events_df.filter(F.col("ingested_at") > F.lit(since))
+    latest = new_df.agg(F.max("ingested_at")).first()[0]
     if latest is None or (watermark is not None and latest <= watermark):
         report.mode = "nothing new"
         report.watermark = watermark
@@ -291,12 +340,12 @@ def run_sessionize(
     report.watermark = latest
 
     progress.step("stitching identities")
-    identity_df = identity_map(events_df).persist()
-    previous_df = (
-        lake.read_table(spark, root, lake.IDENTITY_MAP).select("anonymous_id", "user_key")
-        if lake.table_exists(spark, root, lake.IDENTITY_MAP)
-        else None
-    )
+    previous_df = None
+    if watermark is None:
+        identity_df = identity_map(events_df).persist()
+    else:
+        previous_df = lake.read_table(spark, root, lake.IDENTITY_MAP).drop("updated_at")
+        identity_df = merge_identities(previous_df, identity_map(new_df)).persist()
     identities, report.identity_conflicts = identity_df.agg(
         F.count(F.lit(1)), F.count(F.when(F.col("is_conflict"), 1))
     ).first()
@@ -326,85 +375,134 @@ def run_sessionize(
             report.users_touched, report.new_events = totals[2], totals[3] or 0
         else:
             _incremental(
-                spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
+                spark,
+                cfg,
+                events_df,
+                new_df,
+                identity_df,
+                previous_df,
+                watermark,
+                report,
+                small_map,
             )
         progress.step("rolling up events per user and day")
-        new_df = (
-            None
-            if watermark is None
-            else events_df.filter(F.col("ingested_at") > F.lit(watermark - conf.lookback))
-        )
-        rollups.refresh_user_days(spark, root, events_df, new_df)
+        rollups.refresh_user_days(spark, root, events_df, None if watermark is None else new_df)
         progress.step("writing silver/identity_map")
-        lake.overwrite(
-            spark,
-            root,
-            lake.IDENTITY_MAP,
-            identity_df.withColumn("updated_at", F.current_timestamp()),
-        )
+        _write_identities(spark, root, identity_df, previous_df)
         lake.write_watermark(spark, root, JOB, latest, report.run_id)
     finally:
         identity_df.unpersist()
     return report
 
 
+def _write_identities(
+    spark: SparkSession, root: str, identity_df: DataFrame, previous_df: DataFrame | None
+) -> None:
+    """Replace silver/identity_map with identity_df; a row keeps its updated_at unless it
+    changed (identities are few next to events: one small overwrite)."""
+    stamped_df = identity_df.withColumn("updated_at", F.current_timestamp())
+    if previous_df is not None:
+        kept_df = lake.read_table(spark, root, lake.IDENTITY_MAP)
+        same = [F.col(f"n.{c}").eqNullSafe(F.col(f"o.{c}")) for c in previous_df.columns]
+        stamped_df = (
+            stamped_df.alias("n")
+            .join(kept_df.alias("o"), on="anonymous_id", how="left")
+            .select(
+                "anonymous_id",
+                *[F.col(f"n.{c}").alias(c) for c in identity_df.columns if c != "anonymous_id"],
+                F.when(_all(same), F.col("o.updated_at"))
+                .otherwise(F.col("n.updated_at"))
+                .alias("updated_at"),
+            )
+        )
+    lake.overwrite(spark, root, lake.IDENTITY_MAP, stamped_df.localCheckpoint(eager=True))
+
+
+def _all(conditions: list[Column]) -> Column:
+    out = F.lit(True)
+    for condition in conditions:
+        out = out & condition
+    return out
+
+
 def _silver_complete(spark: SparkSession, root: str) -> bool:
-    return (
-        lake.table_exists(spark, root, lake.SESSIONS)
-        and lake.table_exists(spark, root, lake.USER_DAYS)
-        and "anonymous_ids" in lake.read_table(spark, root, lake.SESSIONS).columns
+    """Whether silver has every table in the layout this release maintains incrementally
+    (a lake written by an older release is rebuilt once)."""
+    return all(
+        (found := lake.layout(spark, root, table)) is not None
+        and found == (tuple(table.schema.names), table.partition_by)
+        for table in (lake.SESSIONS, lake.USER_DAYS, lake.IDENTITY_MAP)
     )
 
 
 def _incremental(
-    spark, cfg, events_df, identity_df, previous_df, watermark, report, small_map
+    spark, cfg, events_df, new_df, identity_df, previous_df, watermark, report, small_map
 ) -> None:
     root, conf = cfg.lake.root, cfg.sessions
     progress.step("rebuilding the sessions of the users with new events")
-    since = watermark - conf.lookback
-    new_df = with_user_key(
-        events_df.filter(F.col("ingested_at") > F.lit(since)), identity_df, broadcast=small_map
+    timeout = conf.inactivity_timeout
+    touched_df = (
+        with_user_key(new_df, identity_df, broadcast=small_map)
+        .filter(F.col("user_key").isNotNull())
+        .groupBy("user_key")
+        .agg(F.min("event_time").alias("t_min"))
     )
-    touched_df = new_df.groupBy("user_key").agg(F.min("event_time").alias("t_min"))
-    if previous_df is not None:
-        # identities that changed: both the old and the new key are rebuilt from the start
-        changed_df = (
-            identity_df.select("anonymous_id", F.col("user_key").alias("new_key"))
-            .join(
-                previous_df.select("anonymous_id", F.col("user_key").alias("old_key")),
-                on="anonymous_id",
-                how="full",
-            )
-            .filter(~F.col("new_key").eqNullSafe(F.col("old_key")))
-        )
-        report.identities_changed = changed_df.count()
-        keys = [
-            F.coalesce(F.col(k), F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id")))
-            for k in ("old_key", "new_key")
-        ]
-        changed_keys_df = changed_df.select(F.explode(F.array(*keys)).alias("user_key"))
-        touched_df = touched_df.unionByName(
-            changed_keys_df.select("user_key", F.lit(_BEGINNING).alias("t_min"))
-        )
     existing_df = lake.read_table(spark, root, lake.SESSIONS)
-    ranges_df = affected_ranges(
-        touched_df, existing_df, inactivity_timeout=conf.inactivity_timeout
-    ).persist()
+    # identities whose stitching changed: the old and the new key are rebuilt from the first
+    # existing session with an event of that anonymous id (their later events come with the
+    # new ones, already in touched_df)
+    changed_df = (
+        identity_df.select("anonymous_id", F.col("user_key").alias("new_key"))
+        .join(
+            previous_df.select("anonymous_id", F.col("user_key").alias("old_key")),
+            on="anonymous_id",
+            how="left",
+        )
+        .filter(~F.col("new_key").eqNullSafe(F.col("old_key")))
+        .persist()
+    )
     try:
-        report.users_touched = ranges_df.count()
+        report.identities_changed = changed_df.count()
+        if report.identities_changed:
+            touched_df = touched_df.unionByName(
+                _relinked(changed_df, existing_df, small=report.identities_changed < 100_000)
+            )
+        ranges_df = affected_ranges(
+            touched_df.groupBy("user_key").agg(F.min("t_min").alias("t_min")),
+            existing_df,
+            inactivity_timeout=timeout,
+        ).persist()
+    finally:
+        changed_df.unpersist()
+    try:
+        report.users_touched, earliest = ranges_df.agg(
+            F.count(F.lit(1)), F.min("recompute_from")
+        ).first()
         report.new_events = events_df.filter(F.col("ingested_at") > F.lit(watermark)).count()
-        keyed_df = with_user_key(events_df, identity_df, broadcast=small_map).join(
+        if earliest is None:
+            return
+        # nothing before `earliest` changes: bronze and the sessions are read (and the MERGE
+        # rewrites files) from its date on only
+        since_day = F.lit(earliest.date())
+        keyed_df = with_user_key(
+            events_df.filter(
+                (F.col("event_date") >= since_day) & (F.col("event_time") >= F.lit(earliest))
+            ),
+            identity_df,
+            broadcast=small_map,
+        ).join(
             F.broadcast(ranges_df) if report.users_touched < 100_000 else ranges_df,
             on="user_key",
             how="inner",
         )
         rebuilt_df = sessionize(
             keyed_df.filter(F.col("event_time") >= F.col("recompute_from")),
-            inactivity_timeout=conf.inactivity_timeout,
+            inactivity_timeout=timeout,
             max_session_length=conf.max_session_length,
         )
         stale_df = (
-            existing_df.join(ranges_df, on="user_key", how="inner")
+            existing_df.filter(F.col("session_date") >= since_day)
+            .join(ranges_df, on="user_key", how="inner")
             .filter(F.col("visit_start") >= F.col("recompute_from"))
             .select("session_id")
             .join(rebuilt_df.select("session_id"), on="session_id", how="left_anti")
@@ -424,7 +522,10 @@ def _incremental(
         target = lake.ensure_table(spark, root, lake.SESSIONS)
         (
             target.alias("t")
-            .merge(changes_df.alias("s"), "t.session_id = s.session_id")
+            .merge(
+                changes_df.alias("s"),
+                f"t.session_id = s.session_id AND t.session_date >= DATE'{earliest.date()}'",
+            )
             .whenMatchedDelete(condition="s._remove")
             .whenMatchedUpdate(set={c: f"s.`{c}`" for c in lake.SESSIONS.schema.names})
             .whenNotMatchedInsert(
@@ -436,3 +537,31 @@ def _incremental(
         changes_df.unpersist()
     finally:
         ranges_df.unpersist()
+
+
+def _relinked(changed_df: DataFrame, existing_df: DataFrame, *, small: bool) -> DataFrame:
+    """user_key, t_min for the anonymous ids of changed_df (anonymous_id, old_key, new_key;
+    old_key null for an id linked for the first time): both keys, from the start of the
+    earliest existing session with an anonymous event of that id (its own anon: key's
+    sessions, or those that list it in anonymous_ids)."""
+    own_df = existing_df.filter(F.col("user_key").startswith(ANON_PREFIX)).select(
+        F.substring("user_key", len(ANON_PREFIX) + 1, 1_000_000).alias("anonymous_id"),
+        "session_start",
+    )
+    stitched_df = existing_df.select(
+        F.explode("anonymous_ids").alias("anonymous_id"), "session_start"
+    )
+    keys_df = changed_df.select(
+        "anonymous_id",
+        F.coalesce("old_key", F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id"))).alias("old"),
+        F.col("new_key").alias("new"),
+    )
+    first_df = (
+        own_df.unionByName(stitched_df)
+        .join(F.broadcast(keys_df) if small else keys_df, on="anonymous_id", how="left_semi")
+        .groupBy("anonymous_id")
+        .agg(F.min("session_start").alias("t_min"))
+    )
+    return keys_df.join(first_df, on="anonymous_id").select(
+        F.explode(F.array("old", "new")).alias("user_key"), "t_min"
+    )
