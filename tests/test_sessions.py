@@ -359,6 +359,10 @@ def test_random_batches_in_random_order_equal_one_full_run(spark, tmp_path):
                     qty=1,
                 )
             )
+    # a shared device: seen with u1 first (minute 20), so u1 wins, whichever batch brings it
+    shared = [(20, "u1"), (50, "u0"), (300, "u1"), (500, "u0"), (10, None), (100, None)]
+    shared += [(400, None), (2000, None)]
+    rows += [ev(f"s{i}", m, user=u, anon="shared") for i, (m, u) in enumerate(shared)]
     rng.shuffle(rows)
     batches = [rows[i::4] for i in range(4)]
     incremental = make_config(tmp_path / "inc", "sessions.max_session_length=2h")
@@ -377,6 +381,19 @@ def test_random_batches_in_random_order_equal_one_full_run(spark, tmp_path):
         ignore_nullable=True,
     )
     assert current_sessions(spark, full).count() > 30
+
+    def identities(cfg):
+        return lake.read_table(spark, cfg.lake.root, lake.IDENTITY_MAP).drop("updated_at")
+
+    assert_df_equality(
+        identities(incremental), identities(full), ignore_row_order=True, ignore_nullable=True
+    )
+    shared_row = identities(incremental).filter("anonymous_id = 'shared'").first()
+    assert (shared_row.user_key, shared_row.user_ids, shared_row.is_conflict) == (
+        "u1",
+        ["u0", "u1"],
+        True,
+    )
 
 
 def test_duplicate_events_never_count_twice(spark, tmp_path, key_env):

@@ -124,6 +124,10 @@ def with_user_key(
 # sessionization
 
 
+def session_id_of(user_key: Column, first_event_id: Column) -> Column:
+    return F.substring(F.sha2(F.concat_ws("\u001f", user_key, first_event_id), 256), 1, 32)
+
+
 def _first(value: Column, order: Column) -> Column:
     """Value of the earliest event (by `order`) among those where value is not null."""
     return F.min_by(value, F.when(value.isNotNull(), order))
@@ -223,9 +227,7 @@ def sessionize(
         ).alias("anonymous_ids"),
     )
     return sessions_df.select(
-        F.substring(F.sha2(F.concat_ws("\u001f", "user_key", "first_event_id"), 256), 1, 32).alias(
-            "session_id"
-        ),
+        session_id_of(F.col("user_key"), F.col("first_event_id")).alias("session_id"),
         "user_key",
         "session_start",
         "session_end",
@@ -448,9 +450,6 @@ def _incremental(
         .agg(F.min("event_time").alias("t_min"))
     )
     existing_df = lake.read_table(spark, root, lake.SESSIONS)
-    # identities whose stitching changed: the old and the new key are rebuilt from the first
-    # existing session with an event of that anonymous id (their later events come with the
-    # new ones, already in touched_df)
     changed_df = (
         identity_df.select("anonymous_id", F.col("user_key").alias("new_key"))
         .join(
@@ -461,70 +460,94 @@ def _incremental(
         .filter(~F.col("new_key").eqNullSafe(F.col("old_key")))
         .persist()
     )
+    # Sessions as they stand under the new identity map ("virtual"): the sessions of an
+    # anonymous id linked for the first time move to its user as they are (re-keyed, no event
+    # read), unless a visit of theirs comes within the timeout of another visit of that user,
+    # which rebuilds the user from there. An id that moves from one user to another (an earlier
+    # link arrived late) rebuilds both users from its first session.
+    relinked_df = changed_df.filter(F.col("old_key").isNull()).select(
+        F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id")).alias("user_key"),
+        F.col("new_key"),
+        F.array("anonymous_id").alias("_ids"),
+    )
     try:
         report.identities_changed = changed_df.count()
-        if report.identities_changed:
-            touched_df = touched_df.unionByName(
-                _relinked(changed_df, existing_df, small=report.identities_changed < 100_000)
-            )
-        ranges_df = affected_ranges(
-            touched_df.groupBy("user_key").agg(F.min("t_min").alias("t_min")),
-            existing_df,
-            inactivity_timeout=timeout,
-        ).persist()
+        moved = changed_df.filter(F.col("old_key").isNotNull())
+        if report.identities_changed and not moved.limit(1).isEmpty():
+            touched_df = touched_df.unionByName(_moved(moved, existing_df))
+        rekeyed_df = (
+            existing_df.join(F.broadcast(relinked_df), on="user_key")
+            .withColumn("_old_id", F.col("session_id"))
+            .withColumn("_origin", F.col("user_key"))
+            .withColumn("user_key", F.col("new_key"))
+            .withColumn("session_id", session_id_of(F.col("user_key"), F.col("first_event_id")))
+            .withColumn("anonymous_ids", F.col("_ids"))
+            .drop("new_key", "_ids")
+            .localCheckpoint(eager=True)
+        )
     finally:
         changed_df.unpersist()
+    virtual_df = (
+        existing_df.join(relinked_df.select("user_key"), on="user_key", how="left_anti")
+        .withColumn("_old_id", F.col("session_id"))
+        .withColumn("_origin", F.col("user_key"))
+        .unionByName(rekeyed_df)
+    )
+    touched_df = touched_df.unionByName(_visit_clashes(virtual_df, rekeyed_df, timeout))
+    ranges_df = affected_ranges(
+        touched_df.groupBy("user_key").agg(F.min("t_min").alias("t_min")),
+        virtual_df,
+        inactivity_timeout=timeout,
+    ).persist()
     try:
         report.users_touched, earliest = ranges_df.agg(
             F.count(F.lit(1)), F.min("recompute_from")
         ).first()
         report.new_events = events_df.filter(F.col("ingested_at") > F.lit(watermark)).count()
-        if earliest is None:
+        moved_since = rekeyed_df.agg(F.min("session_date")).first()[0]
+        if earliest is None and moved_since is None:
             return
-        # nothing before `earliest` changes: bronze and the sessions are read (and the MERGE
-        # rewrites files) from its date on only
-        since_day = F.lit(earliest.date())
-        keyed_df = with_user_key(
-            events_df.filter(
-                (F.col("event_date") >= since_day) & (F.col("event_time") >= F.lit(earliest))
-            ),
-            identity_df,
-            broadcast=small_map,
-        ).join(
-            F.broadcast(ranges_df) if report.users_touched < 100_000 else ranges_df,
-            on="user_key",
-            how="inner",
-        )
-        rebuilt_df = sessionize(
-            keyed_df.filter(F.col("event_time") >= F.col("recompute_from")),
-            inactivity_timeout=timeout,
-            max_session_length=conf.max_session_length,
-        )
-        stale_df = (
-            existing_df.filter(F.col("session_date") >= since_day)
-            .join(ranges_df, on="user_key", how="inner")
-            .filter(F.col("visit_start") >= F.col("recompute_from"))
-            .select("session_id")
-            .join(rebuilt_df.select("session_id"), on="session_id", how="left_anti")
-        )
-        changes_df = (
-            lake.conform(rebuilt_df, lake.SESSIONS)
-            .withColumn("_remove", F.lit(False))
-            .unionByName(stale_df.withColumn("_remove", F.lit(True)), allowMissingColumns=True)
-        )
-        changes_df = changes_df.persist()
+        rebuilt_df = None
+        stale_df = None
+        if earliest is not None:
+            # nothing before `earliest` is rebuilt: bronze is read (a literal date bound,
+            # so Delta prunes partitions) from its date on only
+            keyed_df = with_user_key(
+                events_df.filter(
+                    (F.col("event_date") >= F.lit(earliest.date()))
+                    & (F.col("event_time") >= F.lit(earliest))
+                ),
+                identity_df,
+                broadcast=small_map,
+            ).join(
+                F.broadcast(ranges_df) if report.users_touched < 100_000 else ranges_df,
+                on="user_key",
+                how="inner",
+            )
+            rebuilt_df = sessionize(
+                keyed_df.filter(F.col("event_time") >= F.col("recompute_from")),
+                inactivity_timeout=timeout,
+                max_session_length=conf.max_session_length,
+            )
+            stale_df = (
+                virtual_df.join(ranges_df, on="user_key", how="inner")
+                .filter(F.col("visit_start") >= F.col("recompute_from"))
+                .select(F.col("_old_id").alias("session_id"))
+            )
+        changes_df = _session_changes(rebuilt_df, stale_df, rekeyed_df, ranges_df).persist()
         counts = changes_df.agg(
             F.count(F.when(~F.col("_remove"), 1)),
             F.count(F.when(F.col("_remove"), 1)),
             F.count(F.when(F.col("visit_part") == 1, 1)),
         ).first()
         report.sessions_written, report.sessions_removed, report.split_visits = counts
+        bound = min(d for d in (earliest and earliest.date(), moved_since) if d is not None)
         target = lake.ensure_table(spark, root, lake.SESSIONS)
         (
             target.alias("t")
             .merge(
                 changes_df.alias("s"),
-                f"t.session_id = s.session_id AND t.session_date >= DATE'{earliest.date()}'",
+                f"t.session_id = s.session_id AND t.session_date >= DATE'{bound}'",
             )
             .whenMatchedDelete(condition="s._remove")
             .whenMatchedUpdate(set={c: f"s.`{c}`" for c in lake.SESSIONS.schema.names})
@@ -539,29 +562,62 @@ def _incremental(
         ranges_df.unpersist()
 
 
-def _relinked(changed_df: DataFrame, existing_df: DataFrame, *, small: bool) -> DataFrame:
-    """user_key, t_min for the anonymous ids of changed_df (anonymous_id, old_key, new_key;
-    old_key null for an id linked for the first time): both keys, from the start of the
-    earliest existing session with an anonymous event of that id (its own anon: key's
-    sessions, or those that list it in anonymous_ids)."""
-    own_df = existing_df.filter(F.col("user_key").startswith(ANON_PREFIX)).select(
-        F.substring("user_key", len(ANON_PREFIX) + 1, 1_000_000).alias("anonymous_id"),
-        "session_start",
+def _session_changes(rebuilt_df, stale_df, rekeyed_df, ranges_df) -> DataFrame:
+    """The rows of one MERGE into silver/sessions: the rebuilt sessions and the re-keyed ones
+    not rebuilt (upserts), and the session ids that no longer exist (`_remove`): every old id
+    of a re-keyed session, and the stale ids of rebuilt ranges that the rebuild did not
+    produce again."""
+    kept_df = rekeyed_df.join(ranges_df, on="user_key", how="left").filter(
+        F.col("recompute_from").isNull() | (F.col("visit_start") < F.col("recompute_from"))
     )
-    stitched_df = existing_df.select(
-        F.explode("anonymous_ids").alias("anonymous_id"), "session_start"
+    upserts_df = lake.conform(kept_df, lake.SESSIONS)
+    removed_df = rekeyed_df.select(F.col("_old_id").alias("session_id"))
+    if rebuilt_df is not None:
+        upserts_df = upserts_df.unionByName(lake.conform(rebuilt_df, lake.SESSIONS))
+        removed_df = removed_df.unionByName(stale_df)
+    removed_df = removed_df.distinct().join(
+        upserts_df.select("session_id"), on="session_id", how="left_anti"
     )
-    keys_df = changed_df.select(
-        "anonymous_id",
-        F.coalesce("old_key", F.concat(F.lit(ANON_PREFIX), F.col("anonymous_id"))).alias("old"),
-        F.col("new_key").alias("new"),
+    return upserts_df.withColumn("_remove", F.lit(False)).unionByName(
+        removed_df.withColumn("_remove", F.lit(True)), allowMissingColumns=True
     )
+
+
+def _visit_clashes(virtual_df: DataFrame, rekeyed_df: DataFrame, timeout: timedelta) -> DataFrame:
+    """user_key, t_min for each user that received re-keyed sessions and now has two visits
+    (of different origins) within the timeout of each other: they merge, so the user is
+    rebuilt from the later one's start (affected_ranges reaches back to the earlier)."""
+    keys_df = rekeyed_df.select("user_key").distinct()
+    visits_df = (
+        virtual_df.join(keys_df, on="user_key", how="left_semi")
+        .groupBy("user_key", "_origin", "visit_start")
+        .agg(F.max("session_end").alias("visit_end"))
+    )
+    before = (
+        Window.partitionBy("user_key")
+        .orderBy("visit_start")
+        .rowsBetween(Window.unboundedPreceding, -1)
+    )
+    reach = F.max("visit_end").over(before) + F.expr(
+        f"INTERVAL {int(timeout.total_seconds())} SECONDS"
+    )
+    return (
+        visits_df.withColumn("_reach", reach)
+        .filter(F.col("visit_start") <= F.col("_reach"))
+        .select("user_key", F.col("visit_start").alias("t_min"))
+    )
+
+
+def _moved(moved_df: DataFrame, existing_df: DataFrame) -> DataFrame:
+    """user_key, t_min for the anonymous ids of moved_df (anonymous_id, old_key, new_key: a
+    link that changed from one user to another): both users, from the start of the earliest
+    existing session that lists the id among its anonymous_ids."""
     first_df = (
-        own_df.unionByName(stitched_df)
-        .join(F.broadcast(keys_df) if small else keys_df, on="anonymous_id", how="left_semi")
+        existing_df.select(F.explode("anonymous_ids").alias("anonymous_id"), "session_start")
+        .join(moved_df.select("anonymous_id"), on="anonymous_id", how="left_semi")
         .groupBy("anonymous_id")
         .agg(F.min("session_start").alias("t_min"))
     )
-    return keys_df.join(first_df, on="anonymous_id").select(
-        F.explode(F.array("old", "new")).alias("user_key"), "t_min"
+    return moved_df.join(first_df, on="anonymous_id").select(
+        F.explode(F.array("old_key", "new_key")).alias("user_key"), "t_min"
     )
