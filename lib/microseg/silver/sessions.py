@@ -316,11 +316,12 @@ def run_sessionize(
     bronze/events.
 
     Reads the events ingested since the last run (ingested_at after the stored watermark minus
-    `sessions.lookback`), merges their identity links into the map, rebuilds the sessions of
-    the user keys they touch (or whose stitching changed) from the point they can reach (see
-    affected_ranges), reading bronze only from the earliest such point, and replaces those
-    sessions with one MERGE bounded to the dates it can touch. The first run, or `full`,
-    rebuilds everything.
+    `sessions.lookback`), merges their identity links into the map, moves the sessions of
+    newly linked anonymous ids to their user, rebuilds the sessions of the user keys the new
+    events touch (or whose visits now merge) from the point they can reach (see
+    affected_ranges), reading bronze only from the earliest such point, and applies it all
+    with one MERGE bounded to the dates it can touch. The first run, or `full`, rebuilds
+    everything.
     """
     root = cfg.lake.root
     conf = cfg.sessions
