@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import reduce
+from operator import and_
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -347,7 +349,7 @@ def run_sessionize(
     if watermark is None:
         identity_df = identity_map(events_df).persist()
     else:
-        previous_df = lake.read_table(spark, root, lake.IDENTITY_MAP).drop("updated_at")
+        previous_df = lake.read_table(spark, root, lake.IDENTITY_MAP)  # with updated_at
         identity_df = merge_identities(previous_df, identity_map(new_df)).persist()
     identities, report.identity_conflicts = identity_df.agg(
         F.count(F.lit(1)), F.count(F.when(F.col("is_conflict"), 1))
@@ -401,31 +403,25 @@ def run_sessionize(
 def _write_identities(
     spark: SparkSession, root: str, identity_df: DataFrame, previous_df: DataFrame | None
 ) -> None:
-    """Replace silver/identity_map with identity_df; a row keeps its updated_at unless it
-    changed (identities are few next to events: one small overwrite)."""
+    """Replace silver/identity_map with identity_df; a row keeps its updated_at (from
+    previous_df, the stored map) unless it changed (identities are few next to events: one
+    small overwrite)."""
     stamped_df = identity_df.withColumn("updated_at", F.current_timestamp())
     if previous_df is not None:
-        kept_df = lake.read_table(spark, root, lake.IDENTITY_MAP)
-        same = [F.col(f"n.{c}").eqNullSafe(F.col(f"o.{c}")) for c in previous_df.columns]
+        columns = [c for c in identity_df.columns if c != "anonymous_id"]
+        same = reduce(and_, [F.col(f"n.{c}").eqNullSafe(F.col(f"o.{c}")) for c in columns])
         stamped_df = (
             stamped_df.alias("n")
-            .join(kept_df.alias("o"), on="anonymous_id", how="left")
+            .join(previous_df.alias("o"), on="anonymous_id", how="left")
             .select(
                 "anonymous_id",
-                *[F.col(f"n.{c}").alias(c) for c in identity_df.columns if c != "anonymous_id"],
-                F.when(_all(same), F.col("o.updated_at"))
+                *[F.col(f"n.{c}").alias(c) for c in columns],
+                F.when(same, F.col("o.updated_at"))
                 .otherwise(F.col("n.updated_at"))
                 .alias("updated_at"),
             )
         )
     lake.overwrite(spark, root, lake.IDENTITY_MAP, stamped_df.localCheckpoint(eager=True))
-
-
-def _all(conditions: list[Column]) -> Column:
-    out = F.lit(True)
-    for condition in conditions:
-        out = out & condition
-    return out
 
 
 def _silver_complete(spark: SparkSession, root: str) -> bool:
