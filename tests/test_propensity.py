@@ -20,10 +20,10 @@ from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
 from microseg.ml.propensity.labels import labeled_snapshot, training_snapshots, with_labels
 from microseg.ml.propensity.metrics import evaluate_scores
-from microseg.ml.propensity.models import user_fold
+from microseg.ml.propensity.models import in_user_holdout, user_fold
 from microseg.ml.propensity.score import score_propensity
 from microseg.ml.propensity.targets import model_features, segment_id, target_spec
-from microseg.ml.propensity.train import train_propensity
+from microseg.ml.propensity.train import _tune_gbt, train_propensity
 from microseg.segments import membership
 
 T = datetime(2026, 9, 10)  # a label as-of
@@ -137,6 +137,45 @@ def test_cross_validation_folds_keep_each_user_in_one_fold(spark):
         per_user.setdefault(r.user_key, set()).add(r.fold)
     assert len(per_user) == 30 and all(len(f) == 1 for f in per_user.values())
     assert set().union(*per_user.values()) == {0, 1, 2}
+
+
+def test_user_holdout_keeps_each_user_on_one_side(spark):
+    rows = [(f"u{u}", day) for u in range(400) for day in (1, 8, 15)]
+    df = spark.createDataFrame(rows, "user_key string, day int")
+    sides = df.select("user_key", in_user_holdout(0.75, 42).alias("held_out")).distinct()
+    per_user = {}
+    for r in sides.collect():
+        per_user.setdefault(r.user_key, set()).add(r.held_out)
+    assert len(per_user) == 400 and all(len(s) == 1 for s in per_user.values())
+    held_out = sum(1 for s in per_user.values() if True in s)
+    assert 70 <= held_out <= 130  # about a quarter of 400 users
+
+
+@pytest.mark.parametrize("validation", ["train_validation_split", "cross_validation"])
+def test_tuning_picks_the_depth_an_interaction_needs(spark, tmp_path, validation):
+    # label = a XOR b: stumps (depth 1) add up one effect per feature, and no sum ranks both
+    # positive cells above both negative ones; depth 2 trees separate them. 40 more users in
+    # cell (a=1, b=0) give the root split a gain. Two snapshots per user.
+    cells = [(u % 2, u // 2 % 2) for u in range(240)] + [(1, 0)] * 40
+    rows = [
+        (f"u{u}", day, float(a), float(b), float(a ^ b))
+        for u, (a, b) in enumerate(cells)
+        for day in (1, 8)
+    ]
+    fit_df = spark.createDataFrame(
+        rows, "user_key string, day int, a double, b double, label double"
+    ).withColumn("weight", F.lit(1.0))
+    settings = make_config(
+        tmp_path,
+        "propensity.grid.max_depth=[1, 2]",
+        "propensity.grid.max_iter=[3]",
+        f"propensity.validation={validation}",
+    ).propensity
+    best, validation_metrics = _tune_gbt(fit_df, ["a", "b"], settings)
+    assert [(m["maxDepth"], m["maxIter"]) for m in validation_metrics] == [(1, 3), (2, 3)]
+    assert validation_metrics[1]["areaUnderPR"] == pytest.approx(1.0)
+    assert validation_metrics[0]["areaUnderPR"] < 0.9  # 0.79 and 0.80 measured
+    assert best.stages[-1].getMaxDepth() == 2
 
 
 def test_segment_naming():

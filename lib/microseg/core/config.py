@@ -231,10 +231,12 @@ class PropensityConfig(Strict):
         default_factory=lambda: PropensityConfig.Grid(), description="Hyperparameters tried."
     )
     validation: Literal["cross_validation", "train_validation_split"] = Field(
-        "cross_validation",
-        description="How the grid point is chosen: folds by user, or a random row split.",
+        "train_validation_split",
+        description="How the grid point is chosen: one split by user, or folds by user.",
     )
-    train_ratio: float = Field(0.75, gt=0, lt=1, description="train_validation_split: fit share.")
+    train_ratio: float = Field(
+        0.75, gt=0, lt=1, description="train_validation_split: share of the users that fit."
+    )
     folds: int = Field(3, ge=2, description="cross_validation: folds (all rows of a user in one).")
     class_weights: Literal["balanced", "none"] = Field(
         "balanced", description="balanced: each class weighs half of the fit rows."

@@ -1,5 +1,5 @@
 """The scorers a propensity training fits: the GBT pipeline, the logistic-regression
-baseline, class weights and the cross-validation folds."""
+baseline, class weights and the validation splits by user."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def user_fold(folds: int, seed: int) -> Column:
     """Cross-validation fold of a row, 0 .. folds - 1, from its user_key: every snapshot of a
     user lands in the same fold, so no user is on both sides of a split."""
     return F.pmod(F.xxhash64(F.col("user_key"), F.lit(seed)), F.lit(folds)).cast("int")
+
+
+def in_user_holdout(train_ratio: float, seed: int) -> Column:
+    """True for the rows of about 1 - train_ratio of the users (by a hash of user_key): the
+    validation side of a split that keeps every snapshot of a user on one side."""
+    return F.pmod(F.xxhash64(F.col("user_key"), F.lit(seed)), F.lit(10_000)) >= F.lit(
+        round(train_ratio * 10_000)
+    )
 
 
 def class_weights(positives: int, negatives: int) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from pyspark.ml import PipelineModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
-from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
+from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -28,7 +28,13 @@ from microseg.ml.propensity.labels import (
     plan_snapshots,
 )
 from microseg.ml.propensity.metrics import compare_to_baselines, evaluate_scores
-from microseg.ml.propensity.models import class_weights, gbt_pipeline, logistic_pipeline, user_fold
+from microseg.ml.propensity.models import (
+    class_weights,
+    gbt_pipeline,
+    in_user_holdout,
+    logistic_pipeline,
+    user_fold,
+)
 from microseg.ml.propensity.targets import (
     FOLD,
     HEURISTIC,
@@ -93,7 +99,9 @@ def _labeled_rows(
     all_df = frames[0]
     for frame_df in frames[1:]:
         all_df = all_df.unionByName(frame_df)
-    return all_df
+    # one partition per core: a fit is one Spark job per tree level, and on rows this few
+    # its time is the tasks' overhead (5 snapshot files made 5 tasks per job)
+    return all_df.coalesce(spark.sparkContext.defaultParallelism)
 
 
 def _snapshot_counts(all_df: DataFrame, plan: SnapshotPlan, target: str) -> list[dict]:
@@ -138,8 +146,9 @@ def _usable_features(fit_df: DataFrame, features: list[str]) -> tuple[list[str],
 def _tune_gbt(
     fit_df: DataFrame, used: list[str], settings: PropensityConfig
 ) -> tuple[PipelineModel, list[dict]]:
-    """The GBT pipeline fitted at the best point of propensity.grid (by propensity.metric on
-    the fit rows) and the validation metric of every point ([] for a one-point grid)."""
+    """The GBT pipeline fitted on all fit rows at the best point of propensity.grid (by
+    propensity.metric on held-out users of the fit rows) and the validation metric of every
+    point ([] for a one-point grid)."""
     pipeline, gbt = gbt_pipeline(used, seed=settings.seed)
     grid = (
         ParamGridBuilder()
@@ -154,22 +163,32 @@ def _tune_gbt(
         labelCol=LABEL, rawPredictionCol="rawPrediction", metricName=settings.metric
     )
     if settings.validation == "cross_validation":
-        tuner = CrossValidator(numFolds=settings.folds, foldCol=FOLD)
+        tuned = (
+            CrossValidator(numFolds=settings.folds, foldCol=FOLD)
+            .setEstimator(pipeline)
+            .setEstimatorParamMaps(grid)
+            .setEvaluator(evaluator)
+            .setSeed(settings.seed)
+            .fit(fit_df.withColumn(FOLD, user_fold(settings.folds, settings.seed)))
+        )
+        best, values = tuned.bestModel, list(tuned.avgMetrics)
     else:
-        tuner = TrainValidationSplit(trainRatio=settings.train_ratio)
-    tuned = (
-        tuner.setEstimator(pipeline)
-        .setEstimatorParamMaps(grid)
-        .setEvaluator(evaluator)
-        .setSeed(settings.seed)
-        .fit(fit_df.withColumn(FOLD, user_fold(settings.folds, settings.seed)))
-    )
-    values = tuned.avgMetrics if isinstance(tuner, CrossValidator) else tuned.validationMetrics
+        # one split by user: each point is fitted once on the other users, then the best
+        # point once more on every fit row (k + 1 fits where k-fold cross-validation needs
+        # k * points + 1)
+        held_out = in_user_holdout(settings.train_ratio, settings.seed)
+        train_df, validation_df = fit_df.filter(~held_out), fit_df.filter(held_out)
+        values = [
+            evaluator.evaluate(pipeline.fit(train_df, params).transform(validation_df))
+            for params in grid
+        ]
+        pick = max if evaluator.isLargerBetter() else min
+        best = pipeline.fit(fit_df, grid[pick(range(len(grid)), key=values.__getitem__)])
     validation_metrics = [
         {**{p.name: v for p, v in params.items()}, settings.metric: float(value)}
         for params, value in zip(grid, values, strict=True)
     ]
-    return tuned.bestModel, validation_metrics
+    return best, validation_metrics
 
 
 @dataclass(frozen=True)
