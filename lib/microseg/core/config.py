@@ -207,7 +207,7 @@ class PropensityConfig(Strict):
         horizon: Duration = Field(description="Length of the label window after T.")
 
     class Grid(Strict):
-        max_depth: tuple[int, ...] = Field((3, 5), min_length=1, description="GBT maxDepth.")
+        max_depth: tuple[int, ...] = Field((2, 3), min_length=1, description="GBT maxDepth.")
         max_iter: tuple[int, ...] = Field((40,), min_length=1, description="GBT trees.")
         step_size: tuple[float, ...] = Field((0.1,), min_length=1, description="GBT stepSize.")
 
