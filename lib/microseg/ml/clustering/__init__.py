@@ -13,7 +13,7 @@ fits one pyspark.ml pipeline, saved as one PipelineModel under
   score of a non-buyer) takes 0.
 * Log1p takes ln(1 + max(x, 0)) of the skewed money and count features (cluster.log_features).
 * The k search fits each k in [k_min, k_max] on a sample of about search_sample_rows rows of
-  the scaled vectors (computed once and cached), scores it with Spark's silhouette
+  the scaled vectors (computed once, local-checkpointed), scores it with Spark's silhouette
   (ClusteringEvaluator, squared Euclidean) and the within-cluster sum of squares, and keeps
   the k with the best silhouette (ties: the smaller k). The final model is fitted with that k
   on all rows.

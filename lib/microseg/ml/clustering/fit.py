@@ -1,4 +1,4 @@
-"""Fitting a cluster model: the k search on the cached scaled vectors, the final fit, the
+"""Fitting a cluster model: the k search on the materialized scaled vectors, the final fit, the
 per-cluster profiles and the stable ids, assembled into one PipelineModel."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class FittedClusters:
     _cached: list[DataFrame] = field(default_factory=list)
 
     def release(self) -> None:
-        """Unpersist the cached training vectors (assignments_df is unusable after)."""
+        """Unpersist the cached predictions (assignments_df is unusable after)."""
         for df in self._cached:
             df.unpersist()
 
@@ -75,7 +75,7 @@ def search_k(
     if rows > settings.search_sample_rows:
         sample_df = vectors_df.sample(
             fraction=settings.search_sample_rows / rows, seed=settings.seed
-        ).persist()
+        ).localCheckpoint(eager=True)
         sample_rows = sample_df.count()
     else:
         sample_df, sample_rows = vectors_df, rows
@@ -88,8 +88,6 @@ def search_k(
         scores.append(KScore(k, silhouette, _wcss(model)))
         if sample_df is vectors_df:
             full_models[k] = model
-    if sample_df is not vectors_df:
-        sample_df.unpersist()
     if not scores:
         raise ValueError(f"{rows} users: too few to fit k >= {settings.k_min} clusters")
     return scores, full_models, sample_rows
@@ -163,10 +161,13 @@ def fit_clusters(
     whose clusters the new ones are matched to; next_number: the first fresh stable id."""
     prep_model = Pipeline(stages=feature_stages(settings, fill)).fit(features_df)
     space = space_column(settings)
+    # materialized once, but not cached: KMeans then persists its own RDD of vectors for a
+    # fit, where a cached DataFrame would be converted to vectors again on every pass (3.6x
+    # slower at 1M rows, bench/ml_bench.py variants kmeans-cached and kmeans-checkpointed)
     vectors_df = (
         prep_model.transform(features_df)
         .select("user_key", *settings.features, RAW_VECTOR, space)
-        .persist()
+        .localCheckpoint(eager=True)
     )
     rows = vectors_df.count()
     scores, full_models, sample_rows = search_k(vectors_df, settings, rows=rows)
@@ -205,5 +206,5 @@ def fit_clusters(
         profiles=profiles,
         matching=matching,
         assignments_df=assignments_df,
-        _cached=[predictions_df, vectors_df],
+        _cached=[predictions_df],
     )
