@@ -4,23 +4,22 @@
 
 Runs microseg.streaming.query with a processing-time trigger on the lake of make_config(TMP_PATH).
 In the first micro-batch with a transition at or after PAUSE_FROM (ISO time), after the
-change rows are committed and before the membership MERGE, it writes MARKER and sleeps, so
-the test can kill -9 it mid-batch at a known point.
+online store's transaction and before the change rows are appended to Delta, it writes MARKER
+and sleeps, so the test can kill -9 it mid-batch at a known point.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from pyspark.sql import functions as F
 from tests.conftest import make_config
 
 from microseg.core.spark import build_spark
-from microseg.segments import membership
 from microseg.streaming import query as streaming
+from microseg.streaming import sink as stream_sink
 
 STREAM_SETTINGS = (
     "stream.state_partitions=2",
@@ -33,16 +32,18 @@ def main() -> None:
     tmp_path, segments_file, pause_from, marker = sys.argv[1:5]
     cfg = make_config(Path(tmp_path), *STREAM_SETTINGS)
     spark = build_spark(cfg.spark, app_name="microseg-stream-child")
-    threshold = datetime.fromisoformat(pause_from)
-    merge_intervals = membership.merge_intervals
+    threshold = (datetime.fromisoformat(pause_from) - datetime(1970, 1, 1)) // timedelta(
+        microseconds=1
+    )
+    append_changes = stream_sink._append_changes
 
-    def pausing_merge(spark, root, scope, diff, *, run_id):
-        if diff.changes.filter(F.col("changed_at") >= F.lit(threshold)).limit(1).count():
-            Path(marker).write_text(run_id)
+    def pausing_append(spark, sink, rows, batch_id):
+        if any(row[4] >= threshold for row in rows):
+            Path(marker).write_text(str(batch_id))
             time.sleep(3600)  # the test kills the process here
-        merge_intervals(spark, root, scope, diff, run_id=run_id)
+        append_changes(spark, sink, rows, batch_id)
 
-    membership.merge_intervals = pausing_merge
+    stream_sink._append_changes = pausing_append
     streaming.run_stream(spark, cfg, path=segments_file)
 
 

@@ -23,6 +23,7 @@ from tests.test_sessions import T0, ev, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import ConfigError
+from microseg.core.online_store import open_store
 from microseg.features.job import run_features
 from microseg.segments.evaluate import run_segments
 from microseg.segments.parse import load_segments
@@ -77,6 +78,19 @@ def changes(spark, cfg) -> list[tuple]:
         (r.user_key, r.segment_id, r.change, r.reason, r.changed_at)
         for r in rows
         if r.source == "stream"
+    )
+
+
+def store_rows(cfg) -> list[tuple]:
+    """(user_key, segment_id, entered_at) of the stream's members in the online store."""
+    store = open_store(cfg)
+    try:
+        members = store.scope_members("stream", load_segments(cfg).name)
+    finally:
+        store.close()
+    return sorted(
+        (m.user_key, m.segment_id, datetime(1970, 1, 1) + m.entered_at * US)
+        for m in members.values()
     )
 
 
@@ -272,7 +286,16 @@ def test_replaying_a_batch_changes_nothing(spark, tmp_path):
         return spark.createDataFrame([[d[f.name] for f in schema.fields] for d in data], schema)
 
     def write(df, batch_id):
+        path = lake.table_path(cfg.lake.root, lake.SEGMENT_CHANGES)
+        before = lake.table_version(spark, cfg.lake.root, lake.SEGMENT_CHANGES)
         stream_sink.write_batch(df, batch_id, sink=sink)
+        # the history query's micro-batch: the rows of the new commit
+        new_df = spark.read.format("delta").load(path)
+        if before is not None:
+            new_df = new_df.subtract(
+                spark.read.format("delta").option("versionAsOf", before).load(path)
+            )
+        stream_sink.apply_history(new_df, batch_id, sink=sink)
 
     write(batch([("u1", 0, 1, 0, None)]), 0)
     second = batch(
@@ -291,7 +314,7 @@ def test_replaying_a_batch_changes_nothing(spark, tmp_path):
         return [
             sorted(map(tuple, lake.read_table(spark, cfg.lake.root, t).collect()), key=repr)
             for t in (lake.SEGMENT_CHANGES, lake.SEGMENT_MEMBERSHIP)
-        ]
+        ] + [store_rows(cfg)]
 
     after_first = snapshot()
     assert changes(spark, cfg) == [
@@ -312,8 +335,16 @@ def test_replaying_a_batch_changes_nothing(spark, tmp_path):
         ("u3", CAB, at(50), at(55), False),
         ("u3", RB, at(55), None, True),
     ]
+    # the online store holds who is in now, with the time they entered
+    assert store_rows(cfg) == [
+        ("u1", CAB, at(40)),
+        ("u1", RB, at(30)),
+        ("u2", CAB, at(45)),
+        ("u3", RB, at(55)),
+    ]
     write(second, 1)  # the engine replays the last batch after a crash
     assert snapshot() == after_first
+    sink.close()
 
 
 KILL_STEPS = [
@@ -385,9 +416,10 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    # killed between the two commits: the step-2 changes are in, their intervals are not
-    assert ("u4", CAB, "enter", "rule_matched", at(110)) in changes(spark, cfg)
-    assert ("u4", CAB, at(110), None, True) not in intervals(spark, cfg)
+    # killed between the store's transaction and the Delta append: the store has u4, the
+    # change rows do not
+    assert ("u4", CAB, at(110)) in store_rows(cfg)
+    assert ("u4", CAB, "enter", "rule_matched", at(110)) not in changes(spark, cfg)
 
     write_bronze(spark, cfg, KILL_STEPS[2])
     streaming.run_stream(spark, cfg, available_now=True)  # restart from the checkpoint
@@ -399,6 +431,7 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
     assert changes(spark, cfg) == KILL_EXPECTED
     assert changes(spark, reference) == KILL_EXPECTED
     assert intervals(spark, cfg) == intervals(spark, reference)
+    assert store_rows(cfg) == store_rows(reference) == [("u1", RB, at(100)), ("u3", RB, at(10))]
     assert intervals(spark, cfg) == [
         ("u1", CAB, at(0), at(100), False),
         ("u1", RB, at(100), None, True),

@@ -414,6 +414,33 @@ def _sql_server(cfg: Config, args: argparse.Namespace) -> int:
     return run_thrift_server(cfg, host=host, port=port)
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="listen address (default serving.host)")
+    parser.add_argument("--port", type=int, help="port (default serving.port)")
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from microseg.serving.api import create_app
+
+    app = create_app(cfg)
+    host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
+    print(
+        f"microseg serve: http://{host}:{port}/ over the {cfg.serving.store} store "
+        f"{app.state.store.location}; API docs at /docs (Ctrl-C stops)"
+    )
+    sys.stdout.flush()
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info" if args.verbose else "warning",
+        access_log=args.verbose,
+    )
+    return 0
+
+
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
@@ -530,6 +557,13 @@ COMMANDS: dict[str, Command] = {
             _sql_server_arguments,
             _sql_server,
             progress=False,  # the server's own log is its progress, until it is stopped
+        ),
+        Command(
+            "serve",
+            "answer which segments a user is in over HTTP (the online store and the lake)",
+            _serve_arguments,
+            _serve,
+            progress=False,  # a server: it prints where it listens, then serves until stopped
         ),
         Command(
             "report",

@@ -308,6 +308,11 @@ class StreamConfig(Strict):
         timedelta(seconds=1),
         description="Processing-time trigger: a micro-batch at most this often.",
     )
+    history_interval: Duration = Field(
+        timedelta(seconds=5),
+        description="How often the history query turns the stream's change rows into "
+        "intervals of gold/segment_membership (off the hot path).",
+    )
     watermark_delay: Duration = Field(
         timedelta(minutes=10),
         description="Events older than the latest event time minus this are late: the stream "
@@ -354,6 +359,25 @@ class SqlConfig(Strict):
     port: int = Field(10000, ge=1, le=65535, description="Port of the Thrift Server.")
 
 
+class ServingConfig(Strict):
+    """The online store of current membership and `microseg serve` (README "Serving")."""
+
+    store: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="Online store of current membership, written by batch and stream: sqlite "
+        "(one file, WAL; the embedded default) or redis (production).",
+    )
+    sqlite_path: str | None = Field(
+        None, description="The SQLite file; null: <lake.root>/_online/segments.sqlite."
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0", description="serving.store redis: the server and database."
+    )
+    redis_prefix: str = Field("microseg:", description="Prefix of every Redis key microseg writes.")
+    host: str = Field("127.0.0.1", description="Address `microseg serve` listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of `microseg serve`.")
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
@@ -394,6 +418,7 @@ class Config(Strict):
     propensity: PropensityConfig = PropensityConfig()
     stream: StreamConfig = StreamConfig()
     sql: SqlConfig = SqlConfig()
+    serving: ServingConfig = ServingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -31,7 +31,7 @@ from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.features.user_features import keyed_events_before
-from microseg.segments import membership
+from microseg.segments import membership, online
 from microseg.segments.catalog import CatalogRow, write_catalog
 from microseg.segments.compile import exclusive_winners, segment_condition
 from microseg.segments.facts import compute_facts, with_facts
@@ -280,6 +280,7 @@ def run_segments(
             },
             held_df=held_back(catalog, flags_df, members_df, statuses),
         )
+        online.publish(spark, cfg, scope)
     finally:
         flags_df.unpersist()
     rows = catalog_rows(

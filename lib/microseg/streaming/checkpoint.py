@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
@@ -21,14 +23,25 @@ def checkpoint_path(cfg: Config) -> str:
     return f"{base}/_checkpoints/stream"
 
 
+def history_checkpoint_path(cfg: Config) -> str:
+    """The history query's checkpoint: <stream.checkpoint>_history."""
+    return checkpoint_path(cfg).rstrip("/") + "_history"
+
+
 SEGMENTS_FILE = "microseg-segments.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    writer: str  # the stream's writer id: online store batch marker and Delta txnAppId
+    is_new: bool  # created now: the stream's rows are rebuilt from bronze/events
 
 
 def check_checkpoint(
     spark: SparkSession, checkpoint: str, catalog: SegmentCatalog, segment_ids: list[str]
-) -> None:
-    """Record the streamed segments' versions in a new checkpoint; refuse one that was made
-    for other versions (its state holds the facts of those rules)."""
+) -> CheckpointInfo:
+    """Record the streamed segments' versions and a new writer id in a new checkpoint; refuse
+    one that was made for other versions (its state holds the facts of those rules)."""
     wanted = {sid: catalog.version(sid) for sid in segment_ids}
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(f"{checkpoint}/{SEGMENTS_FILE}")
@@ -36,6 +49,7 @@ def check_checkpoint(
     if fs.exists(path):
         text = spark.read.text(str(path), wholetext=True).first()[0]
         recorded = json.loads(text)["segments"]
+        writer = json.loads(text).get("writer", f"stream:{checkpoint}")
         if recorded != wanted:
             raise ConfigError(
                 f"stream checkpoint {checkpoint} was made for other segments or rules "
@@ -43,12 +57,14 @@ def check_checkpoint(
                 "stream.checkpoint (see microseg.streaming.query on the stream's rows to delete "
                 "first)"
             )
-        return
+        return CheckpointInfo(writer, is_new=False)
+    writer = f"stream:{catalog.name}:{uuid.uuid4()}"
     out = fs.create(path, False)
     try:
-        out.write(bytearray(json.dumps({"segments": wanted}, indent=2).encode()))
+        out.write(bytearray(json.dumps({"segments": wanted, "writer": writer}, indent=2).encode()))
     finally:
         out.close()
+    return CheckpointInfo(writer, is_new=True)
 
 
 def _describe(recorded: dict[str, str], wanted: dict[str, str]) -> str:

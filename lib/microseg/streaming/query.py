@@ -94,13 +94,18 @@ from pyspark.sql.streaming import StreamingQuery
 from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
 from microseg.segments.parse import load_segments
-from microseg.streaming.checkpoint import check_checkpoint, checkpoint_path
+from microseg.streaming.checkpoint import (
+    check_checkpoint,
+    checkpoint_path,
+    history_checkpoint_path,
+)
 from microseg.streaming.kafka import IngestStats, start_kafka_ingest, with_trigger
 from microseg.streaming.lifecycle import BatchGate, StatusSteps, stop_between_batches
-from microseg.streaming.sink import StreamSink, stream_sink, write_batch
+from microseg.streaming.sink import StreamSink, apply_history, stream_sink, write_batch
 from microseg.streaming.state import keyed_events, live_facts, micros, streamed_segments
 
 QUERY_NAME = "microseg_stream"
+HISTORY_QUERY_NAME = "microseg_stream_history"
 STATE_STORES = {
     "hdfs": "org.apache.spark.sql.execution.streaming.state.HDFSBackedStateStoreProvider",
     "rocksdb": "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider",
@@ -162,7 +167,10 @@ def start_stream(
     if sink is None:
         catalog, segment_ids = _load(spark, cfg, path)
         sink = stream_sink(spark, cfg, catalog, segment_ids)
-    check_checkpoint(spark, checkpoint_path(cfg), sink.catalog, sink.segment_ids)
+    info = check_checkpoint(spark, checkpoint_path(cfg), sink.catalog, sink.segment_ids)
+    sink.writer = info.writer
+    if info.is_new:
+        reset_stream_rows(spark, cfg, sink)
     identity_df = (
         lake.read_table(spark, root, lake.IDENTITY_MAP)
         if lake.table_exists(spark, root, lake.IDENTITY_MAP)
@@ -197,6 +205,43 @@ def start_stream(
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, value)
+
+
+def reset_stream_rows(spark: SparkSession, cfg: Config, sink: StreamSink) -> None:
+    """A new checkpoint rebuilds the stream's rows from bronze/events: delete the scope's
+    rows from the history tables and the store, and the history query's checkpoint."""
+    for table in (lake.SEGMENT_CHANGES, lake.SEGMENT_MEMBERSHIP):
+        if lake.read_table(spark, cfg.lake.root, table).filter(sink.scope.rows()).limit(1).count():
+            lake.ensure_table(spark, cfg.lake.root, table).delete(sink.scope.rows())
+    sink.store.reset_scope(sink.scope.source, sink.scope.name, sink.segment_ids, sink.writer)
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(history_checkpoint_path(cfg))
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if fs.exists(path):
+        fs.delete(path, True)
+
+
+def start_history(
+    spark: SparkSession,
+    cfg: Config,
+    sink: StreamSink,
+    *,
+    available_now: bool,
+    gate: BatchGate | None = None,
+) -> StreamingQuery:
+    """Start the history query: the stream's change rows (gold/segment_changes as a Delta
+    stream) -> intervals of gold/segment_membership, every stream.history_interval."""
+    reader = spark.readStream.format("delta").option("skipChangeCommits", "true")
+    writer = (
+        reader.load(lake.table_path(cfg.lake.root, lake.SEGMENT_CHANGES))
+        .writeStream.queryName(HISTORY_QUERY_NAME)
+        .option("checkpointLocation", history_checkpoint_path(cfg))
+        .foreachBatch((gate or BatchGate()).wrap(partial(apply_history, sink=sink)))
+    )
+    if available_now:
+        return writer.trigger(availableNow=True).start()
+    seconds = cfg.stream.history_interval.total_seconds()
+    return writer.trigger(processingTime=f"{int(seconds * 1000)} milliseconds").start()
 
 
 def _progress_sum(query: StreamingQuery) -> tuple[int, int]:
@@ -255,10 +300,16 @@ def run_stream(
         if available_now:
             progress.step("processing what bronze/events holds")
             _await(query, deadline)
+            progress.step("writing the membership intervals")
+            history = start_history(spark, cfg, sink, available_now=True, gate=gate)
+            queries.append(history)
+            _await(history, deadline)
         else:
-            _await_any(spark, queries, deadline)
+            queries.append(start_history(spark, cfg, sink, available_now=False, gate=gate))
+            _await_any(spark, queries, deadline, status_of=query)
     finally:
         stop_between_batches(queries, gate)
+        sink.close()
     rows, late = _progress_sum(query)
     return StreamReport(
         query_id=str(query.id),
@@ -286,9 +337,15 @@ def _await(query: StreamingQuery, deadline: float | None) -> None:
         query.awaitTermination(left)
 
 
-def _await_any(spark: SparkSession, queries: list[StreamingQuery], deadline: float | None) -> None:
+def _await_any(
+    spark: SparkSession,
+    queries: list[StreamingQuery],
+    deadline: float | None,
+    *,
+    status_of: StreamingQuery,
+) -> None:
     """Wait until one of the queries ends (a failure is raised) or the deadline passes;
-    meanwhile the last query's status is the progress step."""
+    meanwhile `status_of`'s status is the progress step."""
     steps = StatusSteps()
     while any(q.isActive for q in queries):
         left = _left(deadline)
@@ -300,4 +357,4 @@ def _await_any(spark: SparkSession, queries: list[StreamingQuery], deadline: flo
                 if q.exception() is not None:
                     raise q.exception()
             return
-        steps.update(queries[-1])
+        steps.update(status_of)

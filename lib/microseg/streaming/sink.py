@@ -3,24 +3,24 @@ one membership writer (idempotent per micro-batch)."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.core.failpoints import failpoint
+from microseg.core.online_store import Member, OnlineStore, open_store
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.segments.compile import exclusive_winners, segment_condition
-from microseg.segments.membership import (
-    MembershipDiff,
-    Scope,
-    apply_diff,
-    scope_history,
-)
+from microseg.segments.membership import MembershipDiff, Scope, merge_intervals
 from microseg.segments.model import (
     SegmentCatalog,
 )
@@ -51,10 +51,34 @@ class StreamSink:
     plan: FactPlan
     scope: Scope
     run_id: str  # the ops/runs row of the stream run: every row it writes carries it
+    store: OnlineStore
     features: dict[str, str] = field(default_factory=dict)  # name -> kind, rules may use
     stats: BatchStats = field(default_factory=BatchStats)
     # called after a micro-batch with changes is written: (batch id, {(segment, change): n})
     on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None
+    # the store's batch marker and Delta's txnAppId: set per checkpoint (streaming.checkpoint)
+    writer: str = "stream"
+    _snapshot: tuple[int | None, DataFrame | None] | None = None
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {sid: self.catalog.version(sid) for sid in self.segment_ids}
+
+    def features_snapshot(self, spark: SparkSession) -> DataFrame | None:
+        """The latest feature snapshot, cached until gold/user_features gets a new version."""
+        version = lake.table_version(spark, self.root, lake.USER_FEATURES)
+        if self._snapshot is None or self._snapshot[0] != version:
+            if self._snapshot is not None and self._snapshot[1] is not None:
+                self._snapshot[1].unpersist()
+            df = None if version is None else snapshots.latest_snapshot(spark, self.root)
+            self._snapshot = (version, None if df is None else df.persist())
+        return self._snapshot[1]
+
+    def close(self) -> None:
+        if self._snapshot is not None and self._snapshot[1] is not None:
+            self._snapshot[1].unpersist()
+        self._snapshot = None
+        self.store.close()
 
 
 def stream_sink(
@@ -76,6 +100,7 @@ def stream_sink(
         plan=fact_plan(catalog, segment_ids),
         scope=Scope(SOURCE, catalog.name),
         run_id=run_id or new_run_id(),
+        store=open_store(cfg),
         features=available_features(cfg),
     )
 
@@ -104,80 +129,88 @@ def member_flags(catalog: SegmentCatalog, segment_ids: list[str], frame_df: Data
     )
 
 
+@dataclass(frozen=True)
+class Transition:
+    user_key: str
+    segment_id: str
+    as_of: int  # microseconds
+    change: str  # enter or exit
+    reason: str
+    definition_version: str
+
+
 def transitions(
-    flags_df: DataFrame, membership_df: DataFrame, versions: dict[str, str]
-) -> DataFrame:
-    """Enter / exit rows: user_key, segment_id, as_of, change, reason, definition_version,
-    first (the first transition of the pair in this batch), next_as_of (the pair's next
-    transition in this batch). membership_df: the stream scope's intervals."""
-    firsts_df = flags_df.groupBy("user_key").agg(F.min("as_of").alias("_first"))
-    before_df = (
-        membership_df.join(F.broadcast(firsts_df), on="user_key")
-        .filter(
-            (F.col("valid_from") < F.col("_first"))
-            & (F.col("valid_to").isNull() | (F.col("valid_to") >= F.col("_first")))
-        )
-        .select(
-            "user_key",
-            "segment_id",
-            F.lit(True).alias("_was"),
-            F.col("definition_version").alias("_was_version"),
-        )
-    )
-    by_pair = Window.partitionBy("user_key", "segment_id").orderBy("as_of")
-    version = F.lit(None).cast("string")
-    for sid, v in versions.items():
-        version = F.when(F.col("segment_id") == sid, F.lit(v)).otherwise(version)
-    changed_df = (
-        flags_df.join(before_df, on=["user_key", "segment_id"], how="left")
-        .withColumn(
-            "_previous",
-            F.coalesce(F.lag("member").over(by_pair), F.col("_was"), F.lit(False)),
-        )
-        .filter(F.col("member") != F.col("_previous"))
-    )
-    first = F.row_number().over(by_pair) == 1
-    return changed_df.select(
+    flags: list[tuple[str, str, int, bool, bool]],
+    before: dict[tuple[str, str], Member],
+    versions: dict[str, str],
+    *,
+    scope: Scope,
+) -> tuple[list[Transition], list[Member], list[tuple[str, str]]]:
+    """A micro-batch's enters and exits, and what the store must then hold.
+
+    flags: (user_key, segment_id, as_of (us), matched, member) per evaluation point and segment;
+    before: the scope's current members in the store (membership just before each user's
+    first point of the batch). Returns the transitions in time order per pair, the members to
+    upsert (a pair that is a member after its last point and entered in this batch) and the
+    pairs to remove (members before, not after)."""
+    out: list[Transition] = []
+    upserts: list[Member] = []
+    removes: list[tuple[str, str]] = []
+    for (user_key, segment_id), points in groupby(sorted(flags), key=lambda f: f[:2]):
+        was = before.get((user_key, segment_id))
+        member = was is not None
+        entered: Member | None = None
+        for _, _, as_of, matched, now in points:
+            if now == member:
+                continue
+            member = now
+            if now:
+                version = versions[segment_id]
+                out.append(
+                    Transition(user_key, segment_id, as_of, "enter", "rule_matched", version)
+                )
+                entered = Member(
+                    user_key, segment_id, scope.source, scope.name, version, None, as_of
+                )
+            else:
+                reason = "outranked_in_exclusive_group" if matched else "no_longer_matched"
+                version = entered.definition_version if entered else was.definition_version
+                out.append(Transition(user_key, segment_id, as_of, "exit", reason, version))
+        if member and entered is not None:
+            upserts.append(entered)
+        elif not member and was is not None:
+            removes.append((user_key, segment_id))
+    return out, upserts, removes
+
+
+def history_diff(changes_df: DataFrame) -> MembershipDiff:
+    """Change rows of the stream (user_key, segment_id, change, changed_at, definition_version)
+    as the membership writer's diff: the first exit of a pair closes its open interval; each
+    enter opens [changed_at, the pair's next exit among these rows)."""
+    by_pair = Window.partitionBy("user_key", "segment_id").orderBy("changed_at")
+    ordered_df = changes_df.select(
         "user_key",
         "segment_id",
-        "as_of",
-        F.when(F.col("member"), "enter").otherwise("exit").alias("change"),
-        F.when(F.col("member"), "rule_matched")
-        .when(F.col("matched"), "outranked_in_exclusive_group")
-        .otherwise("no_longer_matched")
-        .alias("reason"),
-        F.when(~F.col("member") & first, F.col("_was_version"))
-        .otherwise(version)
-        .alias("definition_version"),
-        first.alias("first"),
-        F.lead("as_of").over(by_pair).alias("next_as_of"),
+        "change",
+        "changed_at",
+        "definition_version",
+        (F.row_number().over(by_pair) == 1).alias("first"),
+        F.lead("changed_at").over(by_pair).alias("next_at"),
     )
-
-
-def stream_diff(transitions_df: DataFrame) -> MembershipDiff:
-    """The transitions of a micro-batch as the membership writer's diff: the first exit of a
-    pair closes its open interval; each enter opens [point, the pair's next exit)."""
     enter = F.col("change") == "enter"
     return MembershipDiff(
-        closes=transitions_df.filter(~enter & F.col("first")).select(
-            "user_key", "segment_id", F.col("as_of").alias("valid_to")
+        closes=ordered_df.filter(~enter & F.col("first")).select(
+            "user_key", "segment_id", F.col("changed_at").alias("valid_to")
         ),
-        opens=transitions_df.filter(enter).select(
+        opens=ordered_df.filter(enter).select(
             "user_key",
             "segment_id",
             "definition_version",
             F.lit(None).cast("double").alias("score"),
-            F.col("as_of").alias("valid_from"),
-            F.col("next_as_of").alias("valid_to"),
+            F.col("changed_at").alias("valid_from"),
+            F.col("next_at").alias("valid_to"),
         ),
-        changes=transitions_df.select(
-            "user_key",
-            "segment_id",
-            "change",
-            "reason",
-            F.col("as_of").alias("changed_at"),
-            "definition_version",
-        ),
+        changes=changes_df.limit(0),
     )
 
 
@@ -206,8 +239,15 @@ def points_frame(
 
 
 def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None:
-    """The foreachBatch function: transitions of the batch's points, then the change rows
-    and the intervals, each one MERGE; replaying a batch changes nothing."""
+    """The foreachBatch function (the hot path): the batch's transitions against the online
+    store's current members, then one store transaction (upserts, removes, the batch marker
+    and the change rows as its payload), then one blind append of the change rows to
+    gold/segment_changes (Delta txnAppId/txnVersion). No MERGE, no read of the membership
+    table; the intervals follow off the hot path (apply_history).
+
+    Replays: a batch at the store's marker was written to the store by an attempt that died
+    before, or right after, its Delta append: the append is retried from the marker's payload
+    (Delta skips it when it is in). A batch past the marker is new."""
     spark = batch_df.sparkSession
     clock = time.monotonic()
     timing: dict[str, float] = {"batch_id": batch_id}
@@ -218,45 +258,111 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
         timing[step] = round(now - clock, 3)
         clock = now
 
-    facts_df = batch_df.persist()
-    try:
-        points = facts_df.count()
-        lap("state_s")
-        sink.stats.batches += 1
-        sink.stats.points += points
-        if points == 0:
-            return
-        frame_df = points_frame(
-            facts_df, sink.plan, snapshots.latest_snapshot(spark, sink.root), sink.features
+    marker = sink.store.marker(sink.writer)
+    if marker is not None and marker.batch > batch_id:
+        raise RuntimeError(
+            f"online store {sink.store.location} has micro-batch {marker.batch} of this stream "
+            f"but the checkpoint is at {batch_id}: the store is ahead of the checkpoint"
         )
-        membership_df = scope_history(spark, sink.root, sink.scope)
-        versions = {sid: sink.catalog.version(sid) for sid in sink.segment_ids}
-        transitions_df = transitions(
-            member_flags(sink.catalog, sink.segment_ids, frame_df), membership_df, versions
-        ).persist()
-        try:
-            changes = transitions_df.count()
-            lap("transitions_s")
-            sink.stats.changes += changes
-            if changes:
-                earliest = transitions_df.agg(F.min("as_of")).first()[0]
-                apply_diff(
-                    spark,
-                    sink.root,
-                    sink.scope,
-                    stream_diff(transitions_df),
-                    run_id=sink.run_id,
-                    since=earliest,
-                )
-                lap("membership_s")
-                if sink.on_changes is not None:
-                    counted = transitions_df.groupBy("segment_id", "change").count().collect()
-                    sink.on_changes(
-                        batch_id, {(r.segment_id, r.change): r["count"] for r in counted}
-                    )
-            timing.update(points=points, changes=changes)
-            sink.stats.timings.append(timing)
-        finally:
-            transitions_df.unpersist()
+    if marker is not None and marker.batch == batch_id:
+        _append_changes(spark, sink, _rows_of(marker.payload), batch_id)
+        # the stateful operator's state of the batch is committed only once the batch's
+        # every partition ran (Spark checks): run it, writing nothing
+        batch_df.write.format("noop").mode("overwrite").save()
+        return
+    frame_df = points_frame(batch_df, sink.plan, sink.features_snapshot(spark), sink.features)
+    flags_df = member_flags(sink.catalog, sink.segment_ids, frame_df)
+    flags = [
+        (r.user_key, r.segment_id, r.t, bool(r.matched), bool(r.member))
+        for r in flags_df.select("*", F.unix_micros("as_of").alias("t")).collect()
+    ]
+    lap("state_s")
+    points = len({(f[0], f[2]) for f in flags})
+    sink.stats.batches += 1
+    sink.stats.points += points
+    before = sink.store.scope_members(
+        sink.scope.source, sink.scope.name, sorted({f[0] for f in flags})
+    )
+    changes, upserts, removes = transitions(flags, before, sink.versions, scope=sink.scope)
+    lap("transitions_s")
+    payload = json.dumps([_row_of(c) for c in changes], separators=(",", ":"))
+    sink.store.apply_batch(
+        sink.writer,
+        batch_id,
+        upserts,
+        removes,
+        source=sink.scope.source,
+        scope=sink.scope.name,
+        payload=payload,
+    )
+    lap("store_s")
+    failpoint("stream.after_store")
+    _append_changes(spark, sink, _rows_of(payload), batch_id)
+    lap("changes_s")
+    sink.stats.changes += len(changes)
+    if changes and sink.on_changes is not None:
+        counted = Counter((c.segment_id, c.change) for c in changes)
+        sink.on_changes(batch_id, dict(counted))
+    timing.update(points=points, changes=len(changes))
+    sink.stats.timings.append(timing)
+
+
+def _row_of(change: Transition) -> list:
+    return [
+        change.user_key,
+        change.segment_id,
+        change.change,
+        change.reason,
+        change.as_of,
+        change.definition_version,
+    ]
+
+
+def _rows_of(payload: str | None) -> list[tuple]:
+    return [tuple(row) for row in json.loads(payload or "[]")]
+
+
+CHANGE_ROW = (
+    "user_key string, segment_id string, change string, reason string, "
+    "changed_at_us long, definition_version string"
+)
+
+
+def _append_changes(spark: SparkSession, sink: StreamSink, rows: list[tuple], batch_id: int):
+    """Blind append of a micro-batch's change rows, at most once per (writer, batch id)."""
+    if not rows:
+        return
+    rows_df = spark.createDataFrame(rows, CHANGE_ROW).select(
+        "*",
+        F.timestamp_micros("changed_at_us").alias("changed_at"),
+        F.lit(sink.scope.source).alias("source"),
+        F.lit(sink.scope.name).alias("scope"),
+        F.lit(sink.run_id).alias("run_id"),
+        F.current_timestamp().alias("recorded_at"),
+    )
+    (
+        lake.conform(rows_df, lake.SEGMENT_CHANGES)
+        .write.format("delta")
+        .mode("append")
+        .option("txnAppId", sink.writer)
+        .option("txnVersion", batch_id)
+        .save(lake.table_path(sink.root, lake.SEGMENT_CHANGES))
+    )
+
+
+def apply_history(changes_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None:
+    """The foreachBatch function of the history query (off the hot path): new change rows of
+    the stream's scope -> one MERGE of the intervals in gold/segment_membership (keyed, so a
+    replay changes nothing)."""
+    rows_df = changes_df.filter(sink.scope.rows()).persist()
+    try:
+        if rows_df.limit(1).count():
+            merge_intervals(
+                changes_df.sparkSession,
+                sink.root,
+                sink.scope,
+                history_diff(rows_df),
+                run_id=sink.run_id,
+            )
     finally:
-        facts_df.unpersist()
+        rows_df.unpersist()

@@ -24,7 +24,7 @@ from microseg.ml.clustering.naming import feature_label as _label
 from microseg.ml.clustering.pipeline import check_config, fill_rules
 from microseg.ml.clustering.quality import persona_ari
 from microseg.ml.clustering.steps import DISTANCE, SEGMENT_ID
-from microseg.segments import membership
+from microseg.segments import membership, online
 from microseg.segments.catalog import CatalogRow, write_catalog
 from microseg.segments.membership import Scope
 
@@ -234,6 +234,7 @@ def assign_clusters(
         members_df=members_df,
         versions={sid: entry.version for sid in profiles},
     )
+    online.publish(spark, cfg, scope)
     overlaps = membership.overlap(spark, root, as_of=as_of)
     results = []
     for sid, profile in sorted(profiles.items()):

@@ -19,7 +19,7 @@ from microseg.features import snapshots
 from microseg.ml import registry
 from microseg.ml.propensity.labels import ensure_snapshots
 from microseg.ml.propensity.targets import RAW_SCORE, SCORE, SOURCE, segment_id, target_spec
-from microseg.segments import membership
+from microseg.segments import membership, online
 from microseg.segments.catalog import CatalogRow, write_catalog
 from microseg.segments.membership import Scope
 
@@ -122,6 +122,7 @@ def score_propensity(
         members_df=members_df,
         versions={segment: row.version},
     )
+    online.publish(spark, cfg, scope)
     min_score = ranked_df.filter(F.col("rank") <= top).agg(F.min(SCORE)).first()[0]
     ranked_df.unpersist()
     stat = stats.get(segment)

@@ -1,0 +1,321 @@
+"""`microseg serve`: "which segments is this user in?" over HTTP (FastAPI on uvicorn).
+
+Current answers come from the online store (microseg.core.online_store), which batch runs
+and the stream keep; answers as of a past time, the catalog and sizes over time come from
+the Delta tables, read with the `deltalake` package (no JVM in the server). OpenAPI docs are
+at /docs.
+
+Ids. `GET /users/{id}/segments` takes a user id or an anonymous id: an anonymous id stitched
+to a user (silver/identity_map, as the store's aliases hold it) answers with that user's
+segments; an id with rows of its own answers for itself; otherwise the anonymous key
+`anon:<id>`. The response names the key that answered. An unknown id gets an empty list.
+
+Sources. A segment the stream keeps is answered from the stream's rows only (they are
+fresher than the batch run of the same rule); every other segment from the rows of whichever
+run published it (rule, cluster, propensity).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+import pyarrow.compute as pc
+from fastapi import FastAPI, HTTPException, Path, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from microseg import __version__
+from microseg.core import lake
+from microseg.core.config import Config
+from microseg.core.online_store import Member, OnlineStore, open_store
+from microseg.silver.keys import ANON_PREFIX
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+
+
+class SegmentMembership(BaseModel):
+    segment_id: str
+    source: str = Field(description="What assigned it: rule, cluster, propensity or stream")
+    scope: str = Field(description="The rule file, cluster model or propensity target")
+    entered_at: datetime = Field(description="When the user entered (UTC)")
+    score: float | None = Field(description="Cluster distance or propensity at entry")
+    definition_version: str
+
+
+class UserSegments(BaseModel):
+    id: str = Field(description="The id asked about")
+    user_key: str = Field(description="The key that answered (after identity stitching)")
+    as_of: datetime | None = Field(description="null: now (the online store)")
+    segments: list[SegmentMembership]
+
+
+class SegmentSummary(BaseModel):
+    segment_id: str
+    name: str | None
+    source: str
+    scope: str
+    size: int = Field(description="Current members (online store)")
+    definition_version: str | None
+    status: str | None = Field(description="At the latest batch run (gold/segment_catalog)")
+    streamed: bool = Field(description="Kept fresh by the stream")
+
+
+class SizePoint(BaseModel):
+    as_of: datetime
+    size: int
+    status: str
+
+
+class SegmentDetail(SegmentSummary):
+    description: str | None
+    definition: dict | None = Field(description="The definition as the catalog stores it")
+    sizes: list[SizePoint] = Field(description="Size at each batch run, oldest first")
+
+
+class Health(BaseModel):
+    status: str
+    store: str
+    store_location: str
+    lake: str
+    version: str
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
+def _membership(m: Member) -> SegmentMembership:
+    return SegmentMembership(
+        segment_id=m.segment_id,
+        source=m.source,
+        scope=m.scope,
+        entered_at=datetime.fromtimestamp(m.entered_at / 1e6, tz=timezone.utc),
+        score=m.score,
+        definition_version=m.definition_version,
+    )
+
+
+def _current(members: list[Member], streamed: set[str]) -> list[Member]:
+    """The answer's rows: for streamed segments the stream's only (see the module docstring)."""
+    kept = [m for m in members if (m.source == "stream") == (m.segment_id in streamed)]
+    return sorted(kept, key=lambda m: (m.segment_id, m.source, m.scope))
+
+
+class LakeReader:
+    """Delta tables of the lake read with deltalake; a table is re-opened only when its log
+    has a new version (checked at most once a second)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._tables: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def table(self, table: lake.Table):
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        path = lake.table_path(self.root, table)
+        with self._lock:
+            checked, dt = self._tables.get(table.name, (0.0, None))
+            now = time.monotonic()
+            if now - checked > 1.0:
+                try:
+                    if dt is None:
+                        dt = DeltaTable(path)
+                    else:
+                        dt.update_incremental()
+                except TableNotFoundError:
+                    dt = None
+                self._tables[table.name] = (now, dt)
+            return dt
+
+
+def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
+    """The API over `cfg`'s online store and lake."""
+    store = store or open_store(cfg)
+    reader = LakeReader(cfg.lake.root)
+    app = FastAPI(
+        title="microseg",
+        version=__version__,
+        summary="Which segments is this user in, now or as of a time.",
+    )
+
+    def resolve(user_id: str) -> tuple[str, list[Member]]:
+        stitched = store.resolve(user_id)
+        if stitched is not None:
+            return stitched, store.user_segments(stitched)
+        members = store.user_segments(user_id)
+        if members or user_id.startswith(ANON_PREFIX):
+            return user_id, members
+        anonymous = f"{ANON_PREFIX}{user_id}"
+        members = store.user_segments(anonymous)
+        return (anonymous, members) if members else (user_id, [])
+
+    @app.get("/health", response_model=Health, summary="Is the store reachable")
+    def health():
+        try:
+            store.ping()
+        except Exception as exc:  # the answer is the status, whatever the store raised
+            return JSONResponse(
+                status_code=503,
+                content={"status": "unavailable", "store": cfg.serving.store, "error": str(exc)},
+            )
+        return Health(
+            status="ok",
+            store=cfg.serving.store,
+            store_location=store.location,
+            lake=cfg.lake.root,
+            version=__version__,
+        )
+
+    @app.get(
+        "/users/{user_id}/segments",
+        response_model=UserSegments,
+        summary="The user's segments now, or as of a time",
+    )
+    def user_segments(
+        user_id: Annotated[str, Path(min_length=1, max_length=512)],
+        as_of: Annotated[
+            datetime | None,
+            Query(
+                description="ISO 8601 time (UTC when it has no offset): membership then, "
+                "from gold/segment_membership; omitted: now, from the online store"
+            ),
+        ] = None,
+    ):
+        user_key, members = resolve(user_id)
+        streamed = store.streamed()
+        if as_of is None:
+            rows = _current(members, streamed)
+        else:
+            as_of = _utc(as_of)
+            rows = _current(history_at(user_key, as_of), streamed)
+        return UserSegments(
+            id=user_id,
+            user_key=user_key,
+            as_of=as_of,
+            segments=[_membership(m) for m in rows],
+        )
+
+    def history_at(user_key: str, at: datetime) -> list[Member]:
+        dt = reader.table(lake.SEGMENT_MEMBERSHIP)
+        if dt is None:
+            return []
+        naive = at.astimezone(timezone.utc).replace(tzinfo=None)
+        table = dt.to_pyarrow_dataset().to_table(
+            columns=[
+                "user_key",
+                "segment_id",
+                "source",
+                "scope",
+                "definition_version",
+                "score",
+                "valid_from",
+                "valid_to",
+            ],
+            filter=(pc.field("user_key") == user_key) & (pc.field("valid_from") <= naive),
+        )
+        out = []
+        for row in table.to_pylist():
+            if row["valid_to"] is not None and row["valid_to"] <= naive:
+                continue
+            entered = row["valid_from"].replace(tzinfo=timezone.utc)
+            out.append(
+                Member(
+                    row["user_key"],
+                    row["segment_id"],
+                    row["source"],
+                    row["scope"],
+                    row["definition_version"],
+                    row["score"],
+                    (entered - EPOCH) // _US,
+                )
+            )
+        return out
+
+    def catalog_rows() -> dict[tuple[str, str, str], list[dict]]:
+        dt = reader.table(lake.SEGMENT_CATALOG)
+        if dt is None:
+            return {}
+        rows = (
+            dt.to_pyarrow_dataset()
+            .to_table(
+                columns=[
+                    "as_of",
+                    "source",
+                    "scope",
+                    "segment_id",
+                    "name",
+                    "description",
+                    "definition",
+                    "definition_version",
+                    "size",
+                    "status",
+                ]
+            )
+            .to_pylist()
+        )
+        out: dict[tuple[str, str, str], list[dict]] = {}
+        for row in sorted(rows, key=lambda r: r["as_of"]):
+            out.setdefault((row["segment_id"], row["source"], row["scope"]), []).append(row)
+        return out
+
+    def summaries() -> list[SegmentDetail]:
+        sizes = {(s.segment_id, s.source, s.scope): s.size for s in store.sizes()}
+        catalog = catalog_rows()
+        keys = set(sizes) | set(catalog)
+        out = []
+        for segment_id, source, scope in sorted(keys):
+            history = catalog.get((segment_id, source, scope), [])
+            latest = history[-1] if history else None
+            if latest is None and source == "stream":
+                # the stream's segments are catalogued by the batch run of their rule file
+                rule = catalog.get((segment_id, "rule", scope), [])
+                latest = rule[-1] if rule else None
+            out.append(
+                SegmentDetail(
+                    segment_id=segment_id,
+                    name=latest and latest["name"],
+                    source=source,
+                    scope=scope,
+                    size=sizes.get((segment_id, source, scope), 0),
+                    definition_version=latest and latest["definition_version"],
+                    status=latest and latest["status"],
+                    streamed=source == "stream",
+                    description=latest and latest["description"],
+                    definition=json.loads(latest["definition"]) if latest else None,
+                    sizes=[
+                        SizePoint(as_of=_utc(r["as_of"]), size=r["size"], status=r["status"])
+                        for r in history
+                    ],
+                )
+            )
+        return out
+
+    @app.get(
+        "/segments",
+        response_model=list[SegmentSummary],
+        summary="Every segment with its current size",
+    )
+    def segments():
+        return [SegmentSummary(**d.model_dump()) for d in summaries()]
+
+    @app.get(
+        "/segments/{segment_id}",
+        response_model=list[SegmentDetail],
+        summary="A segment's definition, version and size over time (one entry per source)",
+    )
+    def segment(segment_id: Annotated[str, Path(min_length=1, max_length=200)]):
+        found = [d for d in summaries() if d.segment_id == segment_id]
+        if not found:
+            raise HTTPException(status_code=404, detail=f"no segment '{segment_id}'")
+        return found
+
+    app.state.store = store
+    return app
+
