@@ -110,3 +110,16 @@ def lineage(spark, root: str) -> dict[str, set[str]]:
         )
         found[table.name] = {r.job for r in jobs}
     return found
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server for the session (skips, saying why, where it cannot start)."""
+    from tests.redis_server import RedisUnavailable, start_redis, stop_redis
+
+    try:
+        process, url = start_redis(tmp_path_factory.mktemp("redis"))
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    yield url
+    stop_redis(process)

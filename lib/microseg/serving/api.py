@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import FastAPI, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
@@ -206,7 +207,7 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
         dt = reader.table(lake.SEGMENT_MEMBERSHIP)
         if dt is None:
             return []
-        naive = at.astimezone(timezone.utc).replace(tzinfo=None)
+        at = pa.scalar(at, type=pa.timestamp("us", tz="UTC"))
         table = dt.to_pyarrow_dataset().to_table(
             columns=[
                 "user_key",
@@ -218,13 +219,13 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
                 "valid_from",
                 "valid_to",
             ],
-            filter=(pc.field("user_key") == user_key) & (pc.field("valid_from") <= naive),
+            filter=(pc.field("user_key") == user_key) & (pc.field("valid_from") <= at),
         )
         out = []
         for row in table.to_pylist():
-            if row["valid_to"] is not None and row["valid_to"] <= naive:
+            if row["valid_to"] is not None and row["valid_to"] <= at.as_py():
                 continue
-            entered = row["valid_from"].replace(tzinfo=timezone.utc)
+            entered = _utc(row["valid_from"])
             out.append(
                 Member(
                     row["user_key"],
