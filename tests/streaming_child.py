@@ -1,6 +1,6 @@
 """The stream in a process of its own, for the kill -9 test in test_streaming.py.
 
-    python -m tests.streaming_child TMP_PATH SEGMENTS_FILE PAUSE_FROM MARKER
+    python -m tests.streaming_child TMP_PATH SEGMENTS_FILE PAUSE_FROM MARKER [KEY=VALUE ...]
 
 Runs microseg.streaming.query with a processing-time trigger on the lake of make_config(TMP_PATH).
 In the first micro-batch with a transition at or after PAUSE_FROM (ISO time), after the
@@ -30,7 +30,7 @@ STREAM_SETTINGS = (
 
 def main() -> None:
     tmp_path, segments_file, pause_from, marker = sys.argv[1:5]
-    cfg = make_config(Path(tmp_path), *STREAM_SETTINGS)
+    cfg = make_config(Path(tmp_path), *STREAM_SETTINGS, *sys.argv[5:])
     spark = build_spark(cfg.spark, app_name="microseg-stream-child")
     threshold = (datetime.fromisoformat(pause_from) - datetime(1970, 1, 1)) // timedelta(
         microseconds=1

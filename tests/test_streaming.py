@@ -384,11 +384,16 @@ def _wait_for(condition, what: str, child, log, timeout=300.0):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_path, request, store):
     killed_dir, reference_dir = tmp_path / "killed", tmp_path / "reference"
     killed_dir.mkdir()
     reference_dir.mkdir()
-    cfg = stream_config(killed_dir)
+    settings = []
+    if store == "redis":
+        url = request.getfixturevalue("redis_url")
+        settings = ["serving.store=redis", f"serving.redis_url={url}"]
+    cfg = stream_config(killed_dir, CATALOG, *settings, "serving.redis_prefix=killed.")
     write_bronze(spark, cfg, KILL_STEPS[0])
     marker, log = killed_dir / "paused", killed_dir / "child.log"
     checkpoint = stream_checkpoint.checkpoint_path(cfg)
@@ -402,6 +407,8 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
                 str(killed_dir / "segments.yaml"),
                 (T0 + timedelta(minutes=100)).isoformat(),
                 str(marker),
+                *settings,
+                "serving.redis_prefix=killed.",
             ],
             cwd=ROOT,
             stdout=out,
@@ -424,7 +431,7 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
     write_bronze(spark, cfg, KILL_STEPS[2])
     streaming.run_stream(spark, cfg, available_now=True)  # restart from the checkpoint
 
-    reference = stream_config(reference_dir)
+    reference = stream_config(reference_dir, CATALOG, *settings, "serving.redis_prefix=ref.")
     write_bronze(spark, reference, [e for step in KILL_STEPS for e in step])
     streaming.run_stream(spark, reference, available_now=True)
 
@@ -535,6 +542,18 @@ def test_stream_membership_equals_the_batch_job(spark, tmp_path):
     assert sorted((r.segment_id, r.user_key) for r in current) == sorted(
         (sid, u) for sid, users in expected.items() for u in users
     )
+    # the online store: both paths wrote their current members, and they agree
+    store = open_store(cfg)
+    try:
+        for source in ("rule", "stream"):
+            members = store.scope_members(source, "segments")
+            assert {
+                sid: sorted(u for u, s in members if s == sid) for sid in streamed
+            } == expected, source
+        assert store.resolve("a6") == "u6"
+        assert store.streamed() == set(streamed)
+    finally:
+        store.close()
     assert [c for c in changes(spark, cfg) if c[0] in ("u2", "u4")] == [
         ("u2", "cart_abandoners_24h", "enter", "rule_matched", at(DAY)),
         ("u2", "cart_abandoners_24h", "exit", "no_longer_matched", at(2 * DAY)),

@@ -319,4 +319,3 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
 
     app.state.store = store
     return app
-
