@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 
 from rich.console import Console
 from rich.table import Table
@@ -332,7 +333,8 @@ def print_stream_changes(batch_id: int, counts: dict[tuple[str, str], int]) -> N
         f"{segment_id} +{c.get('enter', 0)} -{c.get('exit', 0)}"
         for segment_id, c in sorted(by_segment.items())
     ]
-    console.print(f"[bold]stream[/bold] batch {batch_id}: " + ", ".join(parts))
+    now = datetime.now().strftime("%H:%M:%S")
+    console.print(f"{now} [bold]stream[/bold] batch {batch_id}: " + ", ".join(parts))
 
 
 def print_stream_report(report) -> None:
