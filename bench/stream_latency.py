@@ -1,26 +1,28 @@
-"""Streaming latency: from an event's commit into bronze/events to its segment membership
-being visible in gold/segment_membership, at given processing-time triggers.
+"""Streaming latency: from an event's commit into bronze/events to the user's segment being
+visible in the online store, in gold/segment_changes and in gold/segment_membership.
 
-    .venv/bin/python bench/stream_latency.py --rate 20 --seconds 60 --triggers 1 5
+    .venv/bin/python bench/stream_latency.py --rates 200 1000 5000 --seconds 60
 
-For each trigger interval: a fresh lake under bench/work/stream-latency/, the stream started
-on the default segment catalog (conf/segments.yaml), and a producer thread that appends
-`rate x append_every` add_to_cart events of new users into bronze/events every
-`append_every` seconds with the `deltalake` package (a writer outside Spark, as an ingest
-job would be; event_time = wall clock, so the watermark moves). Every such user enters
-cart_abandoners_24h. Afterwards:
+For each rate: a fresh lake under bench/work/stream-latency/, the stream (segment query and
+history query) started on the default segment catalog (conf/segments.yaml), and a producer
+thread that appends `rate x append_every` add_to_cart events of new users into bronze/events
+every `append_every` seconds with the `deltalake` package (a writer outside Spark, as an
+ingest job would be; event_time = wall clock, so the watermark moves). Every such user
+enters cart_abandoners_24h: each event is a transition (the worst case for the sink).
 
-* latency = commit time of the membership MERGE that opened the user's interval (Change Data
-  Feed `_commit_timestamp`) - commit time of the bronze append that carried the event (Delta
-  history), both in the Delta logs;
-* pickup = start of the micro-batch that handled it (query progress `timestamp`) - append
-  commit; processing = membership commit - micro-batch start;
+* commit -> store: when a poller (every 20 ms) sees the stream's batch marker in the online
+  store move to the batch whose change rows carry the user's enter, minus the commit time of
+  the bronze append that carried the event (Delta history);
+* commit -> changes: recorded_at of the user's change row (the append's start) - commit;
+* commit -> history: commit time of the history query's MERGE that opened the user's interval
+  in gold/segment_membership (Change Data Feed `_commit_timestamp`) - commit;
+* keeping up: p95 commit -> store per fifth of the run (growing = falling behind), and the
+  seconds after the producer stops until every user's interval is in the history;
 * per micro-batch: Spark's durationMs parts and microseg's own steps (state_s: the stateful
-  operator and the facts; transitions_s; changes_s: the change rows append; membership_s: the
-  intervals MERGE).
+  operator, the rules and the collect; transitions_s; store_s: the store transaction;
+  changes_s: the Delta append).
 
-Writes bench/results/stream-latency.json (and prints a summary). Needs the `deltalake`
-package (dev or bench extra).
+Writes bench/results/stream-latency.json (and prints a summary).
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import load_config
+from microseg.core.online_store import open_store
 from microseg.core.spark import build_spark
 from microseg.segments.parse import load_segments
 from microseg.streaming import query as streaming
 from microseg.streaming import sink as stream_sink
 from microseg.streaming import state as stream_state
+from microseg.streaming.lifecycle import BatchGate, stop_between_batches
 
 ROOT = Path(__file__).resolve().parents[1]
+SEGMENT = "cart_abandoners_24h"  # every generated user enters it with their one add_to_cart
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -124,8 +129,33 @@ class Producer(threading.Thread):
             self.error = exc
 
 
-def run_one(spark, args, trigger_s: float) -> dict:
-    work = Path(args.work) / f"trigger-{trigger_s:g}s"
+class StorePoller(threading.Thread):
+    """Polls the online store's batch marker of the stream every `every` seconds; when it
+    moves, the users whose enter rides in the marker's payload became visible now."""
+
+    def __init__(self, cfg, writer: str, segment: str, every: float = 0.02):
+        super().__init__(daemon=True)
+        self.store = open_store(cfg)
+        self.writer, self.segment, self.every = writer, segment, every
+        self.visible_ms: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        last = None
+        while not self.stop.is_set():
+            marker = self.store.marker(self.writer)
+            if marker is not None and marker.batch != last:
+                now_ms = time.time() * 1000
+                last = marker.batch
+                for user, segment, change, *_ in json.loads(marker.payload or "[]"):
+                    if segment == self.segment and change == "enter":
+                        self.visible_ms.setdefault(user, now_ms)
+            time.sleep(self.every)
+        self.store.close()
+
+
+def run_one(spark, args, rate: float, trigger_s: float) -> dict:
+    work = Path(args.work) / f"rate-{rate:g}-trigger-{trigger_s:g}s"
     shutil.rmtree(work, ignore_errors=True)
     cfg = load_config(
         ROOT / "conf" / "local.yaml",
@@ -133,6 +163,7 @@ def run_one(spark, args, trigger_s: float) -> dict:
             f"lake.root={work / 'lake'}",
             f"stream.trigger_interval={trigger_s}s",
             f"stream.state_partitions={args.state_partitions}",
+            f"stream.history_interval={args.history_interval}s",
             *args.set,
         ],
     )
@@ -142,91 +173,106 @@ def run_one(spark, args, trigger_s: float) -> dict:
     sink = stream_sink.stream_sink(
         spark, cfg, catalog, stream_state.streamed_segments(catalog, cfg.stream.segments)
     )
-    query = streaming.start_stream(spark, cfg, sink=sink)
+    gate = BatchGate()
+    query = streaming.start_stream(spark, cfg, sink=sink, gate=gate)
+    history = streaming.start_history(spark, cfg, sink, available_now=False, gate=gate)
+    poller = StorePoller(cfg, sink.writer, SEGMENT)
+    poller.start()
     producer = Producer(
         events_path,
-        per_append=max(1, round(args.rate * args.append_every)),
+        per_append=max(1, round(rate * args.append_every)),
         every=args.append_every,
         seconds=args.seconds,
-        tag=f"t{trigger_s:g}",
+        tag=f"r{rate:g}",
     )
     load_before = [round(x, 2) for x in os.getloadavg()]
     producer.start()
     producer.join()
     if producer.error is not None:
-        query.stop()
+        stop_between_batches([query, history], gate)
         raise producer.error
     users = {u: c["commit_ms"] for c in producer.commits for u in c["users"]}
     membership_path = lake.table_path(cfg.lake.root, lake.SEGMENT_MEMBERSHIP)
     deadline = time.monotonic() + args.drain_seconds
-    seen = 0
-    while time.monotonic() < deadline and query.isActive:
+    drained_s = None
+    while time.monotonic() < deadline and query.isActive and history.isActive:
         seen = (
             spark.read.format("delta")
             .load(membership_path)
-            .filter("source = 'stream' AND segment_id = 'cart_abandoners_24h'")
+            .filter(f"source = 'stream' AND segment_id = '{SEGMENT}'")
             .count()
         )
         if seen >= len(users):
+            drained_s = round(time.monotonic() - (deadline - args.drain_seconds), 1)
             break
-        time.sleep(2)
-    idle_deadline = time.monotonic() + 60
-    while query.isActive and query.status["isTriggerActive"] and time.monotonic() < idle_deadline:
-        time.sleep(0.5)  # stop between micro-batches, not in one
-    query.stop()
+        time.sleep(1)
     load_after = [round(x, 2) for x in os.getloadavg()]
+    stop_between_batches([query, history], gate)
+    poller.stop.set()
+    poller.join()
+    sink.close()
 
-    inserted = (
-        spark.read.format("delta")
+    history_ms = {
+        r.user_key: r.visible_ms
+        for r in spark.read.format("delta")
         .option("readChangeFeed", "true")
         .option("startingVersion", 0)
         .load(membership_path)
-        .filter(
-            "_change_type = 'insert' AND source = 'stream' AND segment_id = 'cart_abandoners_24h'"
-        )
-        .select("user_key", "run_id", F.unix_millis("_commit_timestamp").alias("visible_ms"))
+        .filter(f"_change_type = 'insert' AND source = 'stream' AND segment_id = '{SEGMENT}'")
+        .select("user_key", F.unix_millis("_commit_timestamp").alias("visible_ms"))
         .collect()
-    )
-    progress = [p if isinstance(p, dict) else json.loads(p.json) for p in query.recentProgress]
-    batch_start_ms = {
-        p["batchId"]: datetime.fromisoformat(p["timestamp"].replace("Z", "+00:00")).timestamp()
-        * 1000
-        for p in progress
     }
-    latency, pickup, processing = [], [], []
-    for row in inserted:
-        if row.user_key not in users:
-            continue
-        committed = users[row.user_key]
-        latency.append((row.visible_ms - committed) / 1000)
-        batch_id = int(row.run_id.rsplit("-", 1)[1])
-        if batch_id in batch_start_ms:
-            pickup.append((batch_start_ms[batch_id] - committed) / 1000)
-            processing.append((row.visible_ms - batch_start_ms[batch_id]) / 1000)
+    changes_ms = {
+        r.user_key: r.recorded_ms
+        for r in lake.read_table(spark, cfg.lake.root, lake.SEGMENT_CHANGES)
+        .filter(f"source = 'stream' AND segment_id = '{SEGMENT}' AND change = 'enter'")
+        .select("user_key", F.unix_millis("recorded_at").alias("recorded_ms"))
+        .collect()
+    }
+
+    def lags(visible: dict[str, float]) -> list[tuple[float, float]]:
+        return sorted((users[u], (visible[u] - users[u]) / 1000) for u in users if u in visible)
+
+    store_lags = lags(poller.visible_ms)
+    fifths = [
+        percentiles(
+            [
+                lag
+                for _, lag in store_lags[i * len(store_lags) // 5 : (i + 1) * len(store_lags) // 5]
+            ]
+        )["p95"]
+        for i in range(5)
+    ]
+    progress = [p if isinstance(p, dict) else json.loads(p.json) for p in query.recentProgress]
     data_batches = [p for p in progress if p.get("numInputRows")]
     parts = sorted({k for p in data_batches for k in p.get("durationMs", {})})
     spark_parts = {
         k: round(statistics.median(p["durationMs"].get(k, 0) for p in data_batches) / 1000, 3)
         for k in parts
     }
-    steps = ("state_s", "transitions_s", "changes_s", "membership_s")
+    steps = ("state_s", "transitions_s", "store_s", "changes_s")
     timed = [t for t in sink.stats.timings if t.get("changes")]
     own_steps = {
         k: round(statistics.median(t.get(k, 0.0) for t in timed), 3) if timed else None
         for k in steps
     }
     return {
+        "rate_per_s": rate,
         "trigger_s": trigger_s,
+        "store": cfg.serving.store,
         "events_appended": len(users),
-        "members_visible": seen,
         "appends": len(producer.commits),
+        "in_store": len(poller.visible_ms),
+        "in_history": len(history_ms),
+        "drained_after_producer_s": drained_s,
         "micro_batches_with_data": len(data_batches),
         "events_per_batch_median": statistics.median(p["numInputRows"] for p in data_batches)
         if data_batches
         else None,
-        "latency_s": percentiles(latency),
-        "pickup_s": percentiles(pickup),
-        "processing_s": percentiles(processing),
+        "commit_to_store_s": percentiles([lag for _, lag in store_lags]),
+        "commit_to_store_p95_by_fifth_of_run_s": fifths,
+        "commit_to_changes_s": percentiles([lag for _, lag in lags(changes_ms)]),
+        "commit_to_history_s": percentiles([lag for _, lag in lags(history_ms)]),
         "batch_spark_duration_median_s": spark_parts,
         "batch_microseg_steps_median_s": own_steps,
         "load_before": load_before,
@@ -236,10 +282,13 @@ def run_one(spark, args, trigger_s: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=20.0, help="events per second")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[200.0, 1000.0, 5000.0], help="events per second"
+    )
     parser.add_argument("--append-every", type=float, default=1.0, help="seconds per append")
     parser.add_argument("--seconds", type=float, default=60.0, help="producer run time")
-    parser.add_argument("--triggers", type=float, nargs="+", default=[1.0, 5.0])
+    parser.add_argument("--trigger", type=float, default=0.5, help="trigger interval (s)")
+    parser.add_argument("--history-interval", type=float, default=5.0)
     parser.add_argument("--state-partitions", type=int, default=8)
     parser.add_argument("--drain-seconds", type=float, default=120.0)
     parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "stream-latency"))
@@ -259,7 +308,8 @@ def main() -> None:
             "spark_master": spark.sparkContext.master,
         },
         "settings": {
-            "rate_per_s": args.rate,
+            "trigger_s": args.trigger,
+            "history_interval_s": args.history_interval,
             "append_every_s": args.append_every,
             "seconds": args.seconds,
             "state_partitions": args.state_partitions,
@@ -267,8 +317,8 @@ def main() -> None:
         },
         "runs": [],
     }
-    for trigger_s in args.triggers:
-        result = run_one(spark, args, trigger_s)
+    for rate in args.rates:
+        result = run_one(spark, args, rate, args.trigger)
         results["runs"].append(result)
         print(json.dumps(result, indent=2), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
