@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from tests.conftest import ROOT, make_config
+from tests.serving_server import ApiServer
 from tests.streaming_child import STREAM_SETTINGS
 from tests.test_sessions import T0, ev, write_bronze
 
@@ -27,6 +28,7 @@ from microseg.core.online_store import open_store
 from microseg.features.job import run_features
 from microseg.segments.evaluate import run_segments
 from microseg.segments.parse import load_segments
+from microseg.serving.api import create_app
 from microseg.silver.sessions import run_sessionize
 from microseg.streaming import checkpoint as stream_checkpoint
 from microseg.streaming import query as streaming
@@ -383,12 +385,22 @@ def _wait_for(condition, what: str, child, log, timeout=300.0):
         time.sleep(0.5)
 
 
+@pytest.fixture(scope="module")
+def reference(spark, tmp_path_factory):
+    """The uninterrupted run of KILL_STEPS (the SQLite store; its rows are compared by value)."""
+    cfg = stream_config(tmp_path_factory.mktemp("reference"))
+    write_bronze(spark, cfg, [e for step in KILL_STEPS for e in step])
+    streaming.run_stream(spark, cfg, available_now=True)
+    return cfg
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_path, request, store):
-    killed_dir, reference_dir = tmp_path / "killed", tmp_path / "reference"
+def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(
+    spark, tmp_path, request, store, reference
+):
+    killed_dir = tmp_path / "killed"
     killed_dir.mkdir()
-    reference_dir.mkdir()
     settings = []
     if store == "redis":
         url = request.getfixturevalue("redis_url")
@@ -430,10 +442,6 @@ def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(spark, tmp_pat
 
     write_bronze(spark, cfg, KILL_STEPS[2])
     streaming.run_stream(spark, cfg, available_now=True)  # restart from the checkpoint
-
-    reference = stream_config(reference_dir, CATALOG, *settings, "serving.redis_prefix=ref.")
-    write_bronze(spark, reference, [e for step in KILL_STEPS for e in step])
-    streaming.run_stream(spark, reference, available_now=True)
 
     assert changes(spark, cfg) == KILL_EXPECTED
     assert changes(spark, reference) == KILL_EXPECTED
@@ -482,12 +490,18 @@ segments:
 """
 
 
-@pytest.mark.slow
-def test_stream_membership_equals_the_batch_job(spark, tmp_path):
+PARITY_AS_OF = T0 + timedelta(days=5)
+
+
+@pytest.fixture(scope="module")
+def parity(spark, tmp_path_factory):
+    """A lake with the batch job as of PARITY_AS_OF and the stream over the same events:
+    (config, the stream's report)."""
     # watermark delay 0: at the end the watermark is the last event (minute 5d - 1), and no
     # fact changes between it and the batch as-of T = 5d
+    tmp_path = tmp_path_factory.mktemp("parity")
     cfg = stream_config(tmp_path, PARITY_CATALOG, "stream.watermark_delay=0s")
-    as_of = T0 + timedelta(days=5)
+    as_of = PARITY_AS_OF
     write_bronze(
         spark,
         cfg,
@@ -517,7 +531,13 @@ def test_stream_membership_equals_the_batch_job(spark, tmp_path):
     run_sessionize(spark, cfg)  # silver/identity_map: a6 -> u6
     run_features(spark, cfg, as_of=as_of)
     run_segments(spark, cfg, as_of=as_of)
-    report = streaming.run_stream(spark, cfg, available_now=True)
+    return cfg, streaming.run_stream(spark, cfg, available_now=True)
+
+
+@pytest.mark.slow
+def test_stream_membership_equals_the_batch_job(spark, parity):
+    cfg, report = parity
+    as_of = PARITY_AS_OF
     streamed = ["cart_abandoners_24h", "recent_buyers", "lapsed", "engaged_buyers"]
     assert report.segments == streamed
     expected = {
@@ -561,6 +581,88 @@ def test_stream_membership_equals_the_batch_job(spark, tmp_path):
         ("u4", "recent_buyers", "enter", "rule_matched", at(0)),
         ("u4", "recent_buyers", "exit", "no_longer_matched", at(3 * DAY)),
     ]
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat() + "Z"
+
+
+@pytest.mark.slow
+def test_api_answers_from_the_store_of_both_paths_and_the_history(spark, parity):
+    """`microseg serve` on a real HTTP server over the parity lake: the streamed segments are
+    answered from the stream's rows, the others from the batch run's (tests.test_serving has
+    the store's own tests)."""
+    cfg, _ = parity
+    T = PARITY_AS_OF
+    with ApiServer(create_app(cfg)) as api:
+
+        def answer(user, **params):
+            body = api.get(f"/users/{user}/segments", params=params).json()
+            segments = [(s["segment_id"], s["source"], s["entered_at"]) for s in body["segments"]]
+            return body["user_key"], segments
+
+        assert answer("u5") == (
+            "u5",
+            [
+                ("buyers", "rule", iso(T)),
+                ("category_fans", "rule", iso(T)),
+                ("engaged_buyers", "stream", iso(at(4 * DAY + 110))),
+                ("recent_buyers", "stream", iso(at(3 * DAY))),
+            ],
+        )
+        full = api.get("/users/u1/segments").json()
+        assert full["as_of"] is None
+        assert full["segments"] == [
+            {
+                "segment_id": "cart_abandoners_24h",
+                "source": "stream",
+                "scope": "segments",
+                "entered_at": "2026-09-05T10:00:00.000001Z",
+                "score": None,
+                "definition_version": load_segments(cfg).version("cart_abandoners_24h"),
+            }
+        ]
+        # the anonymous id that logged in answers with the user's segments
+        assert answer("a6") == ("u6", [("cart_abandoners_24h", "stream", iso(at(4 * DAY + 200)))])
+        # as of a day in (the stream's intervals; the batch ran at 5d); an offset is converted
+        assert answer("u4", as_of="2026-09-02T11:00:00+01:00") == (
+            "u4",
+            [("recent_buyers", "stream", iso(at(0)))],
+        )
+        assert answer("u4", as_of=iso(T)) == (
+            "u4",
+            [("buyers", "rule", iso(T)), ("lapsed", "stream", iso(at(3 * DAY)))],
+        )
+        assert answer("nobody") == ("nobody", [])
+        bad = api.get("/users/u1/segments", params={"as_of": "yesterday"})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["query", "as_of"]
+
+        sizes = {(s["segment_id"], s["source"]): s["size"] for s in api.get("/segments").json()}
+        assert sizes == {
+            ("buyers", "rule"): 3,
+            ("cart_abandoners_24h", "rule"): 2,
+            ("cart_abandoners_24h", "stream"): 2,
+            ("category_fans", "rule"): 1,
+            ("engaged_buyers", "rule"): 1,
+            ("engaged_buyers", "stream"): 1,
+            ("lapsed", "rule"): 1,
+            ("lapsed", "stream"): 1,
+            ("recent_buyers", "rule"): 2,
+            ("recent_buyers", "stream"): 2,
+        }
+        buyers = api.get("/segments/buyers").json()
+        assert [(d["source"], d["name"], d["streamed"]) for d in buyers] == [
+            ("rule", "Buyers (features only, not streamed)", False)
+        ]
+        assert buyers[0]["sizes"] == [{"as_of": iso(T), "size": 3, "status": "active"}]
+        assert buyers[0]["definition"]["conditions"] == [{"feature": "orders_lifetime", "gte": 1}]
+        missing = api.get("/segments/nope")
+        assert (missing.status_code, missing.json()) == (404, {"detail": "no segment 'nope'"})
+        health = api.get("/health").json()
+        assert (health["status"], health["store"]) == ("ok", "sqlite")
+        assert "/users/{user_id}/segments" in api.get("/openapi.json").json()["paths"]
+        assert api.get("/docs").status_code == 200
 
 
 # --------------------------------------------------------------------------------------
