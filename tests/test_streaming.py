@@ -230,8 +230,9 @@ def test_cart_abandoner_enters_on_add_to_cart_and_exits_on_purchase(spark, tmp_p
         streaming.start_stream(spark, cfg)
 
 
-def test_window_lapse_exits_by_timer_and_late_events_are_counted(spark, tmp_path):
-    cfg = stream_config(tmp_path)  # watermark delay 1h
+@pytest.mark.parametrize("state_api", ["apply_in_pandas_with_state", "transform_with_state"])
+def test_window_lapse_exits_by_timer_and_late_events_are_counted(spark, tmp_path, state_api):
+    cfg = stream_config(tmp_path, CATALOG, f"stream.state_api={state_api}")  # watermark 1h
     write_bronze(
         spark,
         cfg,

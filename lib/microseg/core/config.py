@@ -330,6 +330,14 @@ class StreamConfig(Strict):
         description="State store provider (fixed by the first run of a checkpoint): rocksdb "
         "keeps large state off the JVM heap; hdfs is Spark's in-memory default.",
     )
+    state_api: Literal[
+        "apply_in_pandas_with_state", "transform_with_state_in_pandas", "transform_with_state"
+    ] = Field(
+        "transform_with_state",
+        description="Spark API of the per-user state (fixed by the first run of a checkpoint): "
+        "the state API v2's transformWithState (rows) or transformWithStateInPandas, or "
+        "applyInPandasWithState (bench/state_api_bench.py compares them).",
+    )
     max_files_per_trigger: int | None = Field(
         None, ge=1, description="Delta source: at most this many new files per micro-batch."
     )

@@ -35,10 +35,15 @@ SEGMENTS_FILE = "microseg-segments.json"
 class CheckpointInfo:
     writer: str  # the stream's writer id: online store batch marker and Delta txnAppId
     is_new: bool  # created now: the stream's rows are rebuilt from bronze/events
+    state_api: str  # the per-user state's API, fixed by the checkpoint's first run
 
 
 def check_checkpoint(
-    spark: SparkSession, checkpoint: str, catalog: SegmentCatalog, segment_ids: list[str]
+    spark: SparkSession,
+    checkpoint: str,
+    catalog: SegmentCatalog,
+    segment_ids: list[str],
+    state_api: str,
 ) -> CheckpointInfo:
     """Record the streamed segments' versions and a new writer id in a new checkpoint; refuse
     one that was made for other versions (its state holds the facts of those rules)."""
@@ -50,6 +55,8 @@ def check_checkpoint(
         text = spark.read.text(str(path), wholetext=True).first()[0]
         recorded = json.loads(text)["segments"]
         writer = json.loads(text).get("writer", f"stream:{checkpoint}")
+        # checkpoints from before the key was recorded used applyInPandasWithState
+        recorded_api = json.loads(text).get("state_api", "apply_in_pandas_with_state")
         if recorded != wanted:
             raise ConfigError(
                 f"stream checkpoint {checkpoint} was made for other segments or rules "
@@ -57,14 +64,15 @@ def check_checkpoint(
                 "stream.checkpoint (see microseg.streaming.query on the stream's rows to delete "
                 "first)"
             )
-        return CheckpointInfo(writer, is_new=False)
+        return CheckpointInfo(writer, is_new=False, state_api=recorded_api)
     writer = f"stream:{catalog.name}:{uuid.uuid4()}"
     out = fs.create(path, False)
     try:
-        out.write(bytearray(json.dumps({"segments": wanted, "writer": writer}, indent=2).encode()))
+        record = {"segments": wanted, "writer": writer, "state_api": state_api}
+        out.write(bytearray(json.dumps(record, indent=2).encode()))
     finally:
         out.close()
-    return CheckpointInfo(writer, is_new=True)
+    return CheckpointInfo(writer, is_new=True, state_api=state_api)
 
 
 def _describe(recorded: dict[str, str], wanted: dict[str, str]) -> str:

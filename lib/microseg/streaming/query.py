@@ -167,7 +167,9 @@ def start_stream(
     if sink is None:
         catalog, segment_ids = _load(spark, cfg, path)
         sink = stream_sink(spark, cfg, catalog, segment_ids)
-    info = check_checkpoint(spark, checkpoint_path(cfg), sink.catalog, sink.segment_ids)
+    info = check_checkpoint(
+        spark, checkpoint_path(cfg), sink.catalog, sink.segment_ids, cfg.stream.state_api
+    )
     sink.writer = info.writer
     if info.is_new:
         reset_stream_rows(spark, cfg, sink)
@@ -181,6 +183,7 @@ def start_stream(
         keyed_events(events_df, identity_df),
         sink.plan,
         watermark_delay_ms=micros(cfg.stream.watermark_delay) // 1000,
+        state_api=info.state_api,
     )
     writer = (
         facts_df.writeStream.queryName(QUERY_NAME)
@@ -193,6 +196,8 @@ def start_stream(
     settings = {
         "spark.sql.shuffle.partitions": str(cfg.stream.state_partitions),
         "spark.sql.streaming.stateStore.providerClass": STATE_STORES[cfg.stream.state_store],
+        # RocksDB: commit a changelog per micro-batch, a full snapshot only now and then
+        "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
     }
     previous = {key: spark.conf.get(key, None) for key in settings}
     for key, value in settings.items():

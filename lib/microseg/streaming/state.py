@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.streaming import StatefulProcessor
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
 from microseg.core.config import ConfigError
@@ -293,6 +294,85 @@ def _advance_group(
         yield pd.DataFrame(rows, columns=columns, dtype=object)
 
 
+class FactsProcessor(StatefulProcessor):
+    """The same state machine for Spark's state API v2 (stream.state_api transform_with_state
+    or transform_with_state_in_pandas): the state (UserState's JSON) in a value state, the next
+    lapse as an event-time timer. Every state and timer call is a round trip from the Python
+    worker to the JVM's state server; bench/state_api_bench.py measures what that costs."""
+
+    def __init__(self, plan: FactPlan, *, pandas: bool) -> None:
+        self.plan, self.pandas = plan, pandas
+
+    def init(self, handle) -> None:
+        self.handle = handle
+        self.state = handle.getValueState("facts", "state string, timer long")
+
+    def _advance(
+        self,
+        key: tuple,
+        events: list[tuple[int, str]],
+        watermark_ms: int,
+        fired: int | None = None,
+    ):
+        # each state or timer call is a round trip to the JVM: the registered timer is kept
+        # in the state value (its "timer"), so a user costs a get and an update, plus a timer
+        # call only when the next lapse moves
+        stored = self.state.get()
+        state = UserState() if stored is None else UserState.from_json(stored[0])
+        timer = None if stored is None else stored[1]
+        if timer == fired:
+            timer = None  # it fired: Spark removed it
+        points = advance(
+            self.plan, state, events, watermark_ms * 1000 if watermark_ms > 0 else None
+        )
+        lapse = next_lapse(self.plan, state)
+        # v2 event-time timers fire once the watermark (ms) reaches them
+        wanted = None if lapse is None else -(-lapse // 1000)
+        if wanted != timer:
+            if timer is not None:
+                self.handle.deleteTimer(timer)
+            if wanted is not None:
+                self.handle.registerTimer(wanted)
+        self.state.update((state.to_json(), wanted))
+        if not points:
+            return
+        rows = [(key[0], point, *values) for point, values in points]
+        if self.pandas:
+            yield pd.DataFrame(
+                rows, columns=["user_key", "point", *self.plan.names()], dtype=object
+            )
+        else:
+            names = ["user_key", "point", *self.plan.names()]
+            yield from (Row(**dict(zip(names, row, strict=True))) for row in rows)
+
+    def handleInputRows(self, key, rows, timerValues):
+        events: list[tuple[int, str]] = []
+        if self.pandas:
+            for frame in rows:
+                events.extend(zip(frame["t"].tolist(), frame["event_type"].tolist(), strict=True))
+        else:
+            events = [(row.t, row.event_type) for row in rows]
+        yield from self._advance(key, events, timerValues.getCurrentWatermarkInMs())
+
+    def handleExpiredTimer(self, key, timerValues, expiredTimerInfo):
+        yield from self._advance(
+            key,
+            [],
+            timerValues.getCurrentWatermarkInMs(),
+            fired=expiredTimerInfo.getExpiryTimeInMs(),
+        )
+
+    def close(self) -> None:
+        pass
+
+
+STATE_APIS = (
+    "apply_in_pandas_with_state",
+    "transform_with_state_in_pandas",
+    "transform_with_state",
+)
+
+
 def keyed_events(events_df: DataFrame, identity_df: DataFrame | None) -> DataFrame:
     """user_key, event_time, event_type of events with a key (see the module docstring)."""
     if identity_df is None:
@@ -307,18 +387,33 @@ def keyed_events(events_df: DataFrame, identity_df: DataFrame | None) -> DataFra
     )
 
 
-def live_facts(keyed_df: DataFrame, plan: FactPlan, *, watermark_delay_ms: int) -> DataFrame:
+def live_facts(
+    keyed_df: DataFrame,
+    plan: FactPlan,
+    *,
+    watermark_delay_ms: int,
+    state_api: str = "apply_in_pandas_with_state",
+) -> DataFrame:
     """Per user and evaluation point: user_key, point (us), one column per fact (us for
-    last times), from a streaming frame of keyed events."""
-    return (
+    last times), from a streaming frame of keyed events. `state_api`: one of STATE_APIS."""
+    grouped = (
         keyed_df.withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
         .select("user_key", "event_time", F.unix_micros("event_time").alias("t"), "event_type")
         .groupBy("user_key")
-        .applyInPandasWithState(
-            partial(_advance_group, plan),
+    )
+    if state_api != "apply_in_pandas_with_state":
+        pandas = state_api == "transform_with_state_in_pandas"
+        transform = grouped.transformWithStateInPandas if pandas else grouped.transformWithState
+        return transform(
+            FactsProcessor(plan, pandas=pandas),
             facts_schema(plan),
-            "state string",
-            "append",
-            GroupStateTimeout.EventTimeTimeout,
+            "Append",
+            "EventTime",
         )
+    return grouped.applyInPandasWithState(
+        partial(_advance_group, plan),
+        facts_schema(plan),
+        "state string",
+        "append",
+        GroupStateTimeout.EventTimeTimeout,
     )
