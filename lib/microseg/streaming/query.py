@@ -1,8 +1,11 @@
 """Near-real-time rule segments with Structured Streaming (`microseg stream`).
 
-One query: live events -> per-user state -> facts at evaluation points -> the same compiled
-rules as the batch job -> enter / exit transitions MERGEd into gold/segment_changes and
-gold/segment_membership (source "stream"). One sink, one checkpoint (`stream.checkpoint`).
+The segment query: live events -> per-user state -> facts at evaluation points -> the same
+compiled rules as the batch job -> enter / exit transitions -> the online store (one
+transaction with the batch marker) and gold/segment_changes (one blind append, Delta
+txnAppId/txnVersion); source "stream", checkpoint `stream.checkpoint`. The history query
+(checkpoint `<stream.checkpoint>_history`, every stream.history_interval) reads the change
+rows as a Delta stream and MERGEs the intervals of gold/segment_membership, off the hot path.
 
 Source. The segment query reads bronze/events as a Delta stream from its first version (so
 the state is built from the whole history), `skipChangeCommits` on (deletes by a forget job
@@ -25,9 +28,10 @@ event condition: a rule over snapshot features only changes when a new feature s
 written, which the batch job publishes. Guards: exclusive groups apply among the streamed
 segments of a group; `min_size` is a population-level guard and is not applied by the stream.
 
-State per user_key (applyInPandasWithState, one JSON string): `clock`, the user's latest
-evaluation point; per event-count fact, the times of its events still inside its window,
-ascending, at most `cap` of them (cap = the largest at_least, or at_most + 1, of its
+State per user_key (stream.state_api: transformWithState by default, a value state holding
+the JSON and the registered timer; or applyInPandasWithState, the JSON alone): `clock`, the
+user's latest evaluation point; per event-count fact, the times of its events still inside
+its window, ascending, at most `cap` of them (cap = the largest at_least, or at_most + 1, of its
 conditions: min(count, cap) decides every condition, and keeping the latest ones keeps that
 exact as older events lapse); per `since_last` anchor, the time of the last anchor event
 (counted times at or before it are dropped); per last-time fact, the latest time. All times
@@ -43,41 +47,35 @@ before P, exactly as the batch job's as-of. A user is evaluated
   `within` window at t + within + 1us; a `last ... within/older_than d` flipping at
   last + d + 1us). A lapse is evaluated when the user's next event is later, or when the
   watermark W (latest event time - `stream.watermark_delay`) reaches it: an event-time timer
-  (GroupStateTimeout.EventTimeTimeout, millisecond precision) is set to fire as soon as
-  W >= L, and then the point is L itself, not the watermark.
+  (millisecond precision) is set to fire as soon as W >= L, and then the point is L itself,
+  not the watermark.
 So the points, and hence changed_at, valid_from and valid_to, are event times that do not
 depend on how the input was cut into micro-batches (given events of one user arrive in time
 order), and at the end of the input each user's membership is the batch job's answer as of
 max(their last event + 1us, W): with W past T and no events at or after T, that is the batch
 job's as-of T.
 
-Features: the latest snapshot of gold/user_features (its largest as_of), read at each
-micro-batch and joined to the points; feature conditions compare the snapshot as it is.
+Features: the latest snapshot of gold/user_features (its largest as_of), cached until the
+table has a new version, joined to the points; feature conditions compare the snapshot as
+it is.
 
 Late events: rows older than the watermark are dropped by the stateful operator and counted by
 Spark as `numRowsDroppedByWatermark` (query progress, `stateOperators`); run_stream reports
 their sum. They are in bronze/events, so the next batch run (`microseg segments run`) uses
 them.
 
-Writing (write_batch, the foreachBatch function): the facts rows of a micro-batch become
-per (user, segment, point) member flags; comparing each with the previous point (the first
-with the stream's membership valid just before the user's first point of the batch) gives the
-transitions. Then, in the order membership.write_membership uses, an insert-only MERGE of the
-change rows keyed on (user_key, segment_id, source, changed_at, change), and one MERGE of the
-intervals: an exit closes the open interval that began before it (`is_current` and
-`valid_from < valid_to`), an enter inserts the interval [point, next exit) keyed on
-(user_key, segment_id, source, valid_from). Replaying a micro-batch (after a crash the engine
-re-runs the last uncommitted one with the same input and the restored state) computes the
-same transitions, since "valid just before the first point" does not see the batch's own
-rows, and both MERGEs find every key in place: nothing changes. The keys are event times, not
-batch ids, so a new checkpoint that re-reads bronze from the start re-derives the same rows of
-unchanged segments without duplicating them.
+Writing: streaming.sink.write_batch (the hot path: no MERGE, no read of the membership
+table; transitions against the store's current members; replays are recognized by the store's
+batch marker) and streaming.sink.apply_history (the history query's MERGE, keyed, so a replay
+changes nothing). The change rows' keys are event times, not batch ids, so a new checkpoint
+that re-reads bronze from the start re-derives the same rows of unchanged segments.
 
 Changing the streamed segments (a rule, or the list) changes what the state must hold: the
-checkpoint records the segments' versions (`microseg-segments.json`) and a query with other
-versions refuses to start. Stop the stream, delete the source='stream' rows of the changed
-segments from gold/segment_membership and gold/segment_changes, and start on a new
-`stream.checkpoint`: it rebuilds the state from bronze/events.
+checkpoint records the segments' versions, its writer id and its state API
+(`microseg-segments.json`), and a query with other versions refuses to start. A new
+`stream.checkpoint` rebuilds the stream's rows: its first start deletes the scope's
+source='stream' rows from gold/segment_membership, gold/segment_changes and the store, and
+the state is rebuilt from bronze/events.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The foreachBatch sink: facts at evaluation points -> member flags -> transitions -> the
-one membership writer (idempotent per micro-batch)."""
+"""The stream's writers: write_batch, the segment query's foreachBatch function (facts at
+evaluation points -> member flags -> transitions -> the online store and the change rows,
+idempotent per micro-batch), and apply_history, the history query's (change rows ->
+membership intervals)."""
 
 from __future__ import annotations
 
