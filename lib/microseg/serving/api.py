@@ -26,7 +26,8 @@ from typing import Annotated
 import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import FastAPI, HTTPException, Path, Query
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from microseg import __version__
@@ -90,15 +91,9 @@ def _utc(at: datetime) -> datetime:
     return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
-def _membership(m: Member) -> SegmentMembership:
-    return SegmentMembership(
-        segment_id=m.segment_id,
-        source=m.source,
-        scope=m.scope,
-        entered_at=datetime.fromtimestamp(m.entered_at / 1e6, tz=timezone.utc),
-        score=m.score,
-        definition_version=m.definition_version,
-    )
+def _iso(at: datetime) -> str:
+    """As the response models write times: 2026-09-05T10:00:00.000001Z, no fraction at 0."""
+    return _utc(at).isoformat().replace("+00:00", "Z")
 
 
 def _current(members: list[Member], streamed: set[str]) -> list[Member]:
@@ -174,12 +169,21 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
             version=__version__,
         )
 
+    streamed_cache: list = [0.0, set()]
+
+    def streamed() -> set[str]:
+        """The streamed segment ids, re-read at most once a second."""
+        now = time.monotonic()
+        if now - streamed_cache[0] > 1.0:
+            streamed_cache[:] = [now, store.streamed()]
+        return streamed_cache[1]
+
     @app.get(
         "/users/{user_id}/segments",
         response_model=UserSegments,
         summary="The user's segments now, or as of a time",
     )
-    def user_segments(
+    async def user_segments(
         user_id: Annotated[str, Path(min_length=1, max_length=512)],
         as_of: Annotated[
             datetime | None,
@@ -189,19 +193,32 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
             ),
         ] = None,
     ):
+        # the hot path: a store lookup of microseconds runs on the event loop, and the body is
+        # written directly (the same JSON the response model documents, without validating it
+        # again); an as-of query reads Delta files and runs in the thread pool
         user_key, members = resolve(user_id)
-        streamed = store.streamed()
         if as_of is None:
-            rows = _current(members, streamed)
+            rows = _current(members, streamed())
         else:
             as_of = _utc(as_of)
-            rows = _current(history_at(user_key, as_of), streamed)
-        return UserSegments(
-            id=user_id,
-            user_key=user_key,
-            as_of=as_of,
-            segments=[_membership(m) for m in rows],
-        )
+            rows = _current(await run_in_threadpool(history_at, user_key, as_of), streamed())
+        body = {
+            "id": user_id,
+            "user_key": user_key,
+            "as_of": None if as_of is None else _iso(as_of),
+            "segments": [
+                {
+                    "segment_id": m.segment_id,
+                    "source": m.source,
+                    "scope": m.scope,
+                    "entered_at": _iso(EPOCH + m.entered_at * _US),
+                    "score": m.score,
+                    "definition_version": m.definition_version,
+                }
+                for m in rows
+            ],
+        }
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
     def history_at(user_key: str, at: datetime) -> list[Member]:
         dt = reader.table(lake.SEGMENT_MEMBERSHIP)
