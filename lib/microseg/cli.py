@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -155,12 +156,19 @@ def _run(command: Command, cfg: Config, args: argparse.Namespace) -> int:
         return command.run(cfg, args) or 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"microseg {args.command}"
     _configure_logging(args.verbose)
     started = time.monotonic()
+    # SIGTERM (a service manager, a container stop, `kill`) stops a command as Ctrl-C does:
+    # `microseg stream` finishes its running micro-batch first
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with warnings.catch_warnings():
             if not args.verbose:  # libraries' deprecation notices are not the user's concern

@@ -46,8 +46,15 @@ def use_utc_clock() -> None:
 # What the driver JVM says on stderr about itself rather than about the job (shown when
 # verbose): Spark's launcher always adds the Vector API's incubator module, and the JVM
 # announces it at every start; without a system BLAS library (libblas.so.3), netlib says so
-# from native code before Spark's ML falls back to its Java BLAS.
-JVM_NOTICES = ("WARNING: Using incubator modules:", "netlib-blas: JNI_OnLoad: dlopen(")
+# from native code before Spark's ML falls back to its Java BLAS. The state API v2's driver
+# worker (the stream's transformWithState) prints its lifecycle, each line followed by an
+# empty one, to its stdout, which Spark copies to the JVM's stderr.
+JVM_NOTICES = (
+    "WARNING: Using incubator modules:",
+    "netlib-blas: JNI_OnLoad: dlopen(",
+    "Starting Streaming TransformWithStateInPandas Python worker",
+    "Streaming TransformWithStateInPandas Python worker",
+)
 
 
 # What -Dmicroseg.* conf/log4j2.properties reads: a command's quiet and verbose logs
@@ -82,10 +89,13 @@ def relay_stderr(stream, *, drop: tuple[str, ...] = JVM_NOTICES) -> None:
     progress display or a test's capture gets it), without the lines that start with `drop`.
     Keeps reading to the end whatever happens to sys.stderr: a JVM blocked on a full pipe
     would stop the job."""
+    dropped = False
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        if drop and line.startswith(drop):
+        if (drop and line.startswith(drop)) or (dropped and not line.strip()):
+            dropped = True  # and the empty line that may follow it
             continue
+        dropped = False
         for target in (sys.stderr, sys.__stderr__):
             try:
                 target.write(line)

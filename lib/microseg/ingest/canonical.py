@@ -163,7 +163,7 @@ def _missing_field_checks(mapping: SourceMapping) -> list[Check]:
 
 
 def _timestamp_checks(
-    mapping: SourceMapping, *, earliest: datetime, latest: datetime
+    mapping: SourceMapping, *, earliest: datetime, latest: datetime | Column
 ) -> list[Check]:
     time_format = mapping.fields["event_time"].format or "iso8601"
     event_time = _typed("event_time")
@@ -188,11 +188,13 @@ def _timestamp_checks(
         ),
         Check(
             "future_timestamp",
-            event_time > F.lit(latest),
+            event_time > (latest if isinstance(latest, Column) else F.lit(latest)),
             F.concat(
                 F.lit("event_time "),
                 event_time.cast("string"),
-                F.lit(f" is after the ingest time plus max_future_skew ({latest.isoformat()})"),
+                F.lit(" is after the ingest time plus max_future_skew ("),
+                latest.cast("string") if isinstance(latest, Column) else F.lit(latest.isoformat()),
+                F.lit(")"),
             ),
         ),
     ]
@@ -253,7 +255,7 @@ def checks_for(
     *,
     event_types: tuple[str, ...],
     earliest: datetime,
-    latest: datetime,
+    latest: datetime | Column,
 ) -> list[Check]:
     """Every check of a source's records, in the order they apply (that of REASONS).
 
@@ -342,7 +344,7 @@ def to_canonical(
     mapping: SourceMapping,
     event_types: tuple[str, ...],
     earliest: datetime,
-    latest: datetime,
+    latest: datetime | Column,
     key: bytes | None,
 ) -> DataFrame:
     """Map raw records to canonical columns and name what is wrong with each.

@@ -43,7 +43,9 @@ def check_checkpoint(
     checkpoint: str,
     catalog: SegmentCatalog,
     segment_ids: list[str],
+    *,
     state_api: str,
+    source: str,
 ) -> CheckpointInfo:
     """Record the streamed segments' versions and a new writer id in a new checkpoint; refuse
     one that was made for other versions (its state holds the facts of those rules)."""
@@ -57,6 +59,13 @@ def check_checkpoint(
         writer = json.loads(text).get("writer", f"stream:{checkpoint}")
         # checkpoints from before the key was recorded used applyInPandasWithState
         recorded_api = json.loads(text).get("state_api", "apply_in_pandas_with_state")
+        # before the key was recorded, the segment query read bronze/events in both cases
+        recorded_source = json.loads(text).get("source", "delta")
+        if recorded_source != source:
+            raise ConfigError(
+                f"stream checkpoint {checkpoint} reads stream.source {recorded_source}, not "
+                f"{source}: start on a new stream.checkpoint"
+            )
         if recorded != wanted:
             raise ConfigError(
                 f"stream checkpoint {checkpoint} was made for other segments or rules "
@@ -68,7 +77,7 @@ def check_checkpoint(
     writer = f"stream:{catalog.name}:{uuid.uuid4()}"
     out = fs.create(path, False)
     try:
-        record = {"segments": wanted, "writer": writer, "state_api": state_api}
+        record = {"segments": wanted, "writer": writer, "state_api": state_api, "source": source}
         out.write(bytearray(json.dumps(record, indent=2).encode()))
     finally:
         out.close()

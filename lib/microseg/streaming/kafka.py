@@ -1,5 +1,6 @@
-"""Kafka as the stream's input: a query that ingests a topic into bronze with the batch
-ingest's validation (see streaming.query for how the two queries run together)."""
+"""Kafka as the stream's input: the segment query reads the topic's valid events itself
+(kafka_events), and a second query ingests the topic into bronze and quarantine with the batch
+ingest's validation (see streaming.query for how the queries run together)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pyspark.sql.streaming import StreamingQuery
 from microseg.core import lake
 from microseg.core.config import Config, ConfigError
 from microseg.ingest import files as ingest
+from microseg.ingest.canonical import to_canonical
 from microseg.ingest.sources import load_source, records_of_lines
 from microseg.streaming.checkpoint import checkpoint_path
 from microseg.streaming.lifecycle import BatchGate
@@ -47,6 +49,42 @@ def kafka_lines(spark: SparkSession, cfg: Config) -> DataFrame:
         F.col("offset").alias("source_line"),
         F.col("value").cast("string").alias("raw"),
     )
+
+
+def kafka_events(spark: SparkSession, cfg: Config, *, watermark_delay_ms: int) -> DataFrame:
+    """The topic's valid events in the canonical schema, for the segment query to read itself
+    (the ingest query writes bronze alongside): the records parsed and checked exactly as
+    `microseg ingest` does, the invalid ones left out (the ingest query quarantines them),
+    with the event-time watermark, and a repeated event_id dropped within it (the ingest query
+    quarantines it as duplicate_event). The future-timestamp check uses the micro-batch's time
+    (current_timestamp, fixed per batch) plus ingest.max_future_skew."""
+    mapping = stream_mapping(cfg)
+    skew_ms = int(cfg.ingest.max_future_skew.total_seconds() * 1000)
+    checked_df = to_canonical(
+        records_of_lines(kafka_lines(spark, cfg), mapping),
+        mapping=mapping,
+        event_types=tuple(cfg.ingest.event_types),
+        earliest=cfg.ingest.min_event_time,
+        latest=F.current_timestamp() + F.expr(f"INTERVAL {skew_ms} MILLISECONDS"),
+        key=cfg.privacy.key(),
+    )
+    return (
+        checked_df.filter(F.col("reason").isNull())
+        .select("event_id", "event_time", "event_type", "user_id", "anonymous_id")
+        .withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
+        .dropDuplicatesWithinWatermark(["event_id"])
+    )
+
+
+def stream_mapping(cfg: Config):
+    """stream.kafka.mapping, which must read text records."""
+    mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
+    if mapping.format == "parquet":
+        raise ConfigError(
+            f"stream.kafka.mapping: source '{mapping.name}' reads parquet files; Kafka record "
+            "values must be json or csv text"
+        )
+    return mapping
 
 
 @dataclass
@@ -108,12 +146,7 @@ def start_kafka_ingest(
 ) -> StreamingQuery:
     """Start the query that ingests stream.kafka.topic into bronze (its own checkpoint);
     `gate`: one to stop it between micro-batches with (streaming.lifecycle)."""
-    mapping = load_source(cfg.ingest.sources_dir, cfg.stream.kafka.mapping)
-    if mapping.format == "parquet":
-        raise ConfigError(
-            f"stream.kafka.mapping: source '{mapping.name}' reads parquet files; Kafka record "
-            "values must be json or csv text"
-        )
+    mapping = stream_mapping(cfg)
     for table in (lake.EVENTS, lake.QUARANTINE):
         lake.ensure_table(spark, cfg.lake.root, table)
     # mapping problems (e.g. personal fields without a key) now, not in the first micro-batch

@@ -7,14 +7,16 @@ txnAppId/txnVersion); source "stream", checkpoint `stream.checkpoint`. The histo
 (checkpoint `<stream.checkpoint>_history`, every stream.history_interval) reads the change
 rows as a Delta stream and MERGEs the intervals of gold/segment_membership, off the hot path.
 
-Source. The segment query reads bronze/events as a Delta stream from its first version (so
-the state is built from the whole history), `skipChangeCommits` on (deletes by a forget job
-do not stop the stream). With stream.source kafka, a second query (checkpoint
-`<stream.checkpoint>_kafka_ingest`) reads stream.kafka.topic with Spark's Kafka connector and
-ingests each micro-batch into bronze/events and bronze/quarantine through the batch ingest's
-validation (ingest.validate / ingest.write_classified; records are keyed
-`kafka:<topic>/<partition>` and offset, so a replayed micro-batch adds nothing); the segment
-query picks the new bronze commits up like any other.
+Source. With stream.source delta the segment query reads bronze/events as a Delta stream from
+its first version (so the state is built from the whole history), `skipChangeCommits` on
+(deletes by a forget job do not stop the stream). With stream.source kafka it reads
+stream.kafka.topic itself (streaming.kafka.kafka_events: parsed and checked as `microseg
+ingest` does, invalid records left out, a repeated event_id dropped within the watermark),
+and a second query (checkpoint `<stream.checkpoint>_kafka_ingest`) ingests the same records
+into bronze/events and bronze/quarantine alongside, through the batch ingest's validation
+(ingest.validate / ingest.write_classified; records are keyed `kafka:<topic>/<partition>` and
+offset, so a replayed micro-batch adds nothing). The checkpoint records its source: a query
+over the other source refuses to start on it.
 
 Keys. user_key as in microseg.silver.sessions: user_id; else the user id the anonymous id is
 stitched to in silver/identity_map (a broadcast stream-static join with the table as the Delta
@@ -80,6 +82,7 @@ the state is rebuilt from bronze/events.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -97,7 +100,7 @@ from microseg.streaming.checkpoint import (
     checkpoint_path,
     history_checkpoint_path,
 )
-from microseg.streaming.kafka import IngestStats, start_kafka_ingest, with_trigger
+from microseg.streaming.kafka import IngestStats, kafka_events, start_kafka_ingest, with_trigger
 from microseg.streaming.lifecycle import BatchGate, StatusSteps, stop_between_batches
 from microseg.streaming.sink import StreamSink, apply_history, stream_sink, write_batch
 from microseg.streaming.state import keyed_events, live_facts, micros, streamed_segments
@@ -166,7 +169,12 @@ def start_stream(
         catalog, segment_ids = _load(spark, cfg, path)
         sink = stream_sink(spark, cfg, catalog, segment_ids)
     info = check_checkpoint(
-        spark, checkpoint_path(cfg), sink.catalog, sink.segment_ids, cfg.stream.state_api
+        spark,
+        checkpoint_path(cfg),
+        sink.catalog,
+        sink.segment_ids,
+        state_api=cfg.stream.state_api,
+        source=cfg.stream.source,
     )
     sink.writer = info.writer
     if info.is_new:
@@ -176,11 +184,17 @@ def start_stream(
         if lake.table_exists(spark, root, lake.IDENTITY_MAP)
         else None
     )
-    events_df = delta_events(spark, cfg)
+    delay_ms = micros(cfg.stream.watermark_delay) // 1000
+    if cfg.stream.source == "kafka":
+        # the topic itself (its events watermarked and deduplicated), not bronze's commits
+        events_df = kafka_events(spark, cfg, watermark_delay_ms=delay_ms)
+        delay_ms = None
+    else:
+        events_df = delta_events(spark, cfg)
     facts_df = live_facts(
         keyed_events(events_df, identity_df),
         sink.plan,
-        watermark_delay_ms=micros(cfg.stream.watermark_delay) // 1000,
+        watermark_delay_ms=delay_ms,
         state_api=info.state_api,
     )
     writer = (
@@ -309,7 +323,9 @@ def run_stream(
             _await(history, deadline)
         else:
             queries.append(start_history(spark, cfg, sink, available_now=False, gate=gate))
-            _await_any(spark, queries, deadline, status_of=query)
+            # Ctrl-C or SIGTERM: stop as at the timeout, and report
+            with contextlib.suppress(KeyboardInterrupt):
+                _await_any(spark, queries, deadline, status_of=query)
     finally:
         stop_between_batches(queries, gate)
         sink.close()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import bisect
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
 import pandas as pd
+from pyspark import cloudpickle
 from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -366,6 +368,13 @@ class FactsProcessor(StatefulProcessor):
         pass
 
 
+# The state API v2 unpickles the processor in a Python worker that Spark's driver starts with
+# spark.pyspark.python, without the job's --py-files on its path: on a cluster that
+# interpreter has microseg's dependencies but not microseg. So this module's classes and
+# functions travel by value (they use only the standard library, pandas and pyspark).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 STATE_APIS = (
     "apply_in_pandas_with_state",
     "transform_with_state_in_pandas",
@@ -391,16 +400,17 @@ def live_facts(
     keyed_df: DataFrame,
     plan: FactPlan,
     *,
-    watermark_delay_ms: int,
+    watermark_delay_ms: int | None,
     state_api: str = "apply_in_pandas_with_state",
 ) -> DataFrame:
     """Per user and evaluation point: user_key, point (us), one column per fact (us for
-    last times), from a streaming frame of keyed events. `state_api`: one of STATE_APIS."""
-    grouped = (
-        keyed_df.withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
-        .select("user_key", "event_time", F.unix_micros("event_time").alias("t"), "event_type")
-        .groupBy("user_key")
-    )
+    last times), from a streaming frame of keyed events. `state_api`: one of STATE_APIS.
+    watermark_delay_ms None: keyed_df has its event-time watermark already."""
+    if watermark_delay_ms is not None:
+        keyed_df = keyed_df.withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
+    grouped = keyed_df.select(
+        "user_key", "event_time", F.unix_micros("event_time").alias("t"), "event_type"
+    ).groupBy("user_key")
     if state_api != "apply_in_pandas_with_state":
         pandas = state_api == "transform_with_state_in_pandas"
         transform = grouped.transformWithStateInPandas if pandas else grouped.transformWithState
