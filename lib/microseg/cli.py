@@ -156,8 +156,17 @@ def _run(command: Command, cfg: Config, args: argparse.Namespace) -> int:
         return command.run(cfg, args) or 0
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _terminate(signum, frame) -> None:
+    """SIGTERM: a waiting stream stops between micro-batches and reports; anything else stops
+    as at Ctrl-C."""
+    from microseg.streaming import lifecycle
+
+    lifecycle.stop_requested.set()
+    if not _STREAMING:
+        raise KeyboardInterrupt
+
+
+_STREAMING: list[bool] = []  # non-empty while `microseg stream` runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"microseg {args.command}"
     _configure_logging(args.verbose)
     started = time.monotonic()
-    # SIGTERM (a service manager, a container stop, `kill`) stops a command as Ctrl-C does:
-    # `microseg stream` finishes its running micro-batch first
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (a service manager, a container stop, `kill`) stops a command: `microseg
+    # stream` after its running micro-batch, with its report (see _terminate)
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.command == "stream":
+        _STREAMING.append(True)
     try:
         with warnings.catch_warnings():
             if not args.verbose:  # libraries' deprecation notices are not the user's concern

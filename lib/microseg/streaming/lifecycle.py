@@ -26,6 +26,11 @@ from microseg.core import progress
 
 BatchFunction = Callable[[DataFrame, int], None]
 
+# Set by a SIGTERM while a stream waits (microseg.cli): the wait returns at its next check,
+# about once a second, and the stream stops between micro-batches. A signal must not raise
+# inside a Py4J call: that breaks the connection to the JVM.
+stop_requested = threading.Event()
+
 
 class BatchGate:
     """Lets foreachBatch functions run until the gate closes (see the module docstring)."""

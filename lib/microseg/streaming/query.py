@@ -95,6 +95,7 @@ from pyspark.sql.streaming import StreamingQuery
 from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
 from microseg.segments.parse import load_segments
+from microseg.streaming import lifecycle
 from microseg.streaming.checkpoint import (
     check_checkpoint,
     checkpoint_path,
@@ -323,7 +324,7 @@ def run_stream(
             _await(history, deadline)
         else:
             queries.append(start_history(spark, cfg, sink, available_now=False, gate=gate))
-            # Ctrl-C or SIGTERM: stop as at the timeout, and report
+            # SIGTERM (lifecycle.stop_requested) or Ctrl-C: stop as at the timeout, and report
             with contextlib.suppress(KeyboardInterrupt):
                 _await_any(spark, queries, deadline, status_of=query)
     finally:
@@ -368,7 +369,7 @@ def _await_any(
     steps = StatusSteps()
     while any(q.isActive for q in queries):
         left = _left(deadline)
-        if left is not None and left <= 0.001:
+        if (left is not None and left <= 0.001) or lifecycle.stop_requested.is_set():
             return
         spark.streams.resetTerminated()
         if spark.streams.awaitAnyTermination(min(left or 1.0, 1.0)):
