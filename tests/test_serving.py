@@ -76,3 +76,45 @@ def test_a_batch_applies_once_with_its_marker(store):
     assert store.marker("w") is None
     assert store.streamed() == {"a", "b"}
     assert store.sizes() == []
+
+
+def test_forget_removes_members_aliases_and_pending_rows_of_the_people_only(store, tmp_path):
+    payload = '[["u1","a","enter"],["u2","a","enter"],["anon:x1","b","enter"]]'
+    store.apply_batch(
+        "w",
+        0,
+        [member("u1", "a", 10), member("u1", "b", 11), member("u2", "a", 12)],
+        [],
+        source="stream",
+        scope="s",
+        payload=payload,
+    )
+    store.apply_batch(
+        "batch",
+        3,
+        [Member("anon:x1", "c", "rule", "r", "v1", None, 13)],
+        [],
+        source="rule",
+        scope="r",
+    )
+    store.set_aliases("aliases", 1, {"x1": "u1", "x2": "u2", "x3": "u1"})
+
+    # u1 is the person; x1 and x3 are their anonymous ids
+    removed = store.forget({"u1", "anon:x1", "anon:x3"}, {"x1", "x3"})
+
+    # 3 memberships (u1 in a and b, anon:x1 in c), 2 aliases, 2 pending change rows
+    assert removed == 7
+    assert store.user_segments("u1") == []
+    assert store.user_segments("anon:x1") == []
+    assert store.user_segments("u2") == [member("u2", "a", 12)]
+    assert store.resolve("x1") is None and store.resolve("x3") is None
+    assert store.resolve("x2") == "u2"
+    assert store.marker("w").payload == '[["u2","a","enter"]]'
+    assert sorted((s.segment_id, s.size) for s in store.sizes()) == [("a", 1)]
+    # forgetting again finds nothing
+    assert store.forget({"u1", "anon:x1", "anon:x3"}, {"x1", "x3"}) == 0
+    if isinstance(store, SqliteStore):
+        # nothing of u1 left in the file or its write-ahead log (deleted rows are overwritten)
+        for path in tmp_path.glob("online.sqlite*"):
+            data = path.read_bytes()
+            assert b"u1" not in data and b"x1" not in data and b"x3" not in data, path

@@ -488,6 +488,71 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ids", nargs="*", metavar="ID", help="user ids or anonymous ids, as the person knows them"
+    )
+    parser.add_argument("--file", help="a file of ids, one per line (# starts a comment)")
+    parser.add_argument(
+        "--table",
+        help="a table of ids: a Delta folder or a table name, its column --column",
+    )
+    parser.add_argument("--column", default="id", help="the ids' column of --table (default id)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="then read every file under the lake root for the people's ids and report each hit",
+    )
+
+
+def _forget_ids(spark_or_none, args: argparse.Namespace) -> list[str]:
+    ids = list(args.ids)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                ids += [t for line in lines if (t := line.split("#", 1)[0].strip())]
+        except OSError as exc:
+            raise ConfigError(f"forget --file: {exc.strerror}: {args.file}") from None
+    if args.table:
+        spark = spark_or_none
+        source = (
+            spark.read.format("delta").load(args.table)
+            if "/" in args.table
+            else spark.read.table(args.table)
+        )
+        if args.column not in source.columns:
+            raise ConfigError(
+                f"forget --table {args.table} has no column '{args.column}' "
+                f"(columns: {', '.join(source.columns)}); name it with --column"
+            )
+        ids += [r[0] for r in source.select(args.column).distinct().collect() if r[0]]
+    if not ids:
+        raise ConfigError("forget needs ids: as arguments, --file or --table")
+    return ids
+
+
+def _forget(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.ops.forget import record_erasure, require_key, run_forget
+    from microseg.ops.verify import scan_lake
+    from microseg.serving.console import print_erasure
+
+    require_key(cfg)
+    spark = _spark(cfg, args, "forget", "reading the ids")
+    ids = _forget_ids(spark, args)
+    with recorded(spark, cfg, job="forget") as run:
+        report = run_forget(spark, cfg, ids, request_id=run.run_id)
+        verification = None
+        if args.verify:
+            from microseg.core import progress
+
+            progress.step("reading every file of the lake for their ids")
+            verification = scan_lake(cfg.lake.root, report.subjects.keys)
+        record_erasure(spark, cfg, report, verification=verification)
+    print_erasure(report, verification)
+    return 0 if verification is None or verification.clean else 1
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
@@ -564,6 +629,12 @@ COMMANDS: dict[str, Command] = {
             _serve_arguments,
             _serve,
             progress=False,  # a server: it prints where it listens, then serves until stopped
+        ),
+        Command(
+            "forget",
+            "erase people (user or anonymous ids) from every table, file and store; --verify",
+            _forget_arguments,
+            _forget,
         ),
         Command(
             "report",

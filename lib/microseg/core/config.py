@@ -391,6 +391,13 @@ class PrivacyConfig(Strict):
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
     )
     pseudonymization_key_env: str = "MICROSEG_PSEUDONYMIZATION_KEY"
+    erasure_retention: Duration = Field(
+        timedelta(days=7),
+        description="VACUUM retention of `microseg forget` and `microseg maintain`: the files "
+        "a delete replaced stay readable (time travel, running readers) this long, then the "
+        "next forget or maintain deletes them. The erasure deadline is this plus the interval "
+        "of your maintain schedule; below 7 days a reader of an older version may fail.",
+    )
 
     def key(self) -> bytes | None:
         from_env = os.environ.get(self.pseudonymization_key_env)

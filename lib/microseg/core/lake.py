@@ -21,6 +21,30 @@ class Table:
     generated: dict[str, str] = field(default_factory=dict)  # column -> SQL expression
     properties: dict[str, str] = field(default_factory=dict)
     comment: str = ""
+    # Columns that identify a person, by kind: user_id, anonymous_id, user_key (a user id or
+    # anon:<anonymous id>), user_ids / anonymous_ids (arrays of them), or text (free text
+    # that may quote a raw id). `microseg forget` erases by them, and Delta keeps no file
+    # statistics on them: min/max values in the transaction log would outlive the rows.
+    identifiers: dict[str, str] = field(default_factory=dict)
+
+    def table_properties(self) -> dict[str, str]:
+        """The declared properties, plus the columns Delta may keep statistics on (every
+        primitive column that is not an identifier) for a table that holds identifiers."""
+        if not self.identifiers:
+            return dict(self.properties)
+        stats = [
+            f.name
+            for f in self.schema.fields
+            if f.name not in self.identifiers
+            and f.name not in self.partition_by
+            and isinstance(f.dataType, _STATS_TYPES)
+        ]
+        return {**self.properties, STATS_COLUMNS: ",".join(stats)}
+
+
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+# the types Delta keeps min/max statistics of
+_STATS_TYPES = (T.StringType, T.NumericType, T.DateType, T.TimestampType, T.TimestampNTZType)
 
 
 EVENTS = Table(
@@ -29,11 +53,13 @@ EVENTS = Table(
     partition_by=("event_date",),
     generated={"event_date": "CAST(event_time AS DATE)"},
     comment="Validated events in the canonical schema; event_id unique.",
+    identifiers={"user_id": "user_id", "anonymous_id": "anonymous_id"},
 )
 QUARANTINE = Table(
     "bronze/quarantine",
     schemas.QUARANTINE,
     comment="Rejected input records with their raw text and a reason; nothing is dropped.",
+    identifiers={"raw": "text", "message": "text"},
 )
 INGESTED_FILES = Table(
     "ops/ingested_files",
@@ -46,24 +72,28 @@ IDENTITY_MAP = Table(
     "silver/identity_map",
     schemas.IDENTITY_MAP,
     comment="Anonymous ids stitched to a user key.",
+    identifiers={"anonymous_id": "anonymous_id", "user_key": "user_key", "user_ids": "user_ids"},
 )
 SESSIONS = Table(
     "silver/sessions",
     schemas.SESSIONS,
     partition_by=("session_date",),
     comment="One row per session; session_id deterministic.",
+    identifiers={"user_key": "user_key", "anonymous_ids": "anonymous_ids"},
 )
 USER_DAYS = Table(
     "silver/user_days",
     schemas.USER_DAYS,
     comment="Per raw key and day: event counts, first/last times, per-category and per-hour "
     "counts; maintained incrementally by sessionize.",
+    identifiers={"raw_key": "user_key", "anonymous_id": "anonymous_id"},
 )
 USER_FEATURES = Table(
     "gold/user_features",
     schemas.USER_FEATURES_KEYS,
     partition_by=("as_of_date",),
     comment="One row per user key per as-of time; feature columns as selected in config.",
+    identifiers={"user_key": "user_key"},
 )
 WATERMARKS = Table(
     "ops/watermarks",
@@ -94,7 +124,7 @@ def ensure_table(spark: SparkSession, root: str, table: Table) -> DeltaTable:
         )
     if table.partition_by:
         builder = builder.partitionedBy(*table.partition_by)
-    for key, value in table.properties.items():
+    for key, value in table.table_properties().items():
         builder = builder.property(key, value)
     return builder.execute()
 
@@ -159,11 +189,13 @@ SEGMENT_MEMBERSHIP = Table(
     schemas.SEGMENT_MEMBERSHIP,
     properties={"delta.enableChangeDataFeed": "true"},
     comment="Segment membership history: one row per user, segment and validity interval.",
+    identifiers={"user_key": "user_key"},
 )
 SEGMENT_CHANGES = Table(
     "gold/segment_changes",
     schemas.SEGMENT_CHANGES,
     comment="One row per user entering or leaving a segment.",
+    identifiers={"user_key": "user_key"},
 )
 SEGMENT_CATALOG = Table(
     "gold/segment_catalog",
@@ -183,12 +215,24 @@ PROPENSITY_SCORES = Table(
     schemas.PROPENSITY_SCORES,
     partition_by=("as_of_date",),
     comment="Propensity score and percentile per target, as-of time and user.",
+    identifiers={"user_key": "user_key"},
 )
 
 RUNS = Table(
     "ops/runs",
     schemas.RUNS,
     comment="One row per job run: status, rows read and written, Delta versions, error.",
+)
+
+ERASURES = Table(
+    "ops/erasures",
+    schemas.ERASURES,
+    comment="Audit of erasure requests (microseg forget): hashed ids, tables, rows, verified.",
+)
+SUPPRESSION = Table(
+    "ops/suppression",
+    schemas.SUPPRESSION,
+    comment="Hashed identifiers of erased people; ingest drops their records.",
 )
 
 
@@ -213,6 +257,8 @@ ALL_TABLES = (
     PROPENSITY_SCORES,
     WATERMARKS,
     RUNS,
+    ERASURES,
+    SUPPRESSION,
 )
 
 

@@ -111,6 +111,11 @@ class OnlineStore(Protocol):
         `segment_ids` as the streamed segments."""
         ...
 
+    def forget(self, user_keys: set[str], anonymous_ids: set[str]) -> int:
+        """Erase the people: their members, their aliases, and their rows in the writers'
+        payloads, with nothing of them left in the store's files; the entries removed."""
+        ...
+
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
@@ -135,6 +140,18 @@ def sqlite_path(cfg: Config) -> str:
             "or serving.store: redis"
         )
     return os.path.join(os.path.abspath(root), "_online", "segments.sqlite")
+
+
+def _scrub_payload(payload: str | None, ids: set[str]) -> tuple[str | None, int]:
+    """A writer's payload (JSON rows) without the rows that hold any of `ids`; and how many
+    rows went."""
+    if not payload:
+        return payload, 0
+    rows = json.loads(payload)
+    kept = [row for row in rows if not any(v in ids for v in row if isinstance(v, str))]
+    if len(kept) == len(rows):
+        return payload, 0
+    return json.dumps(kept, separators=(",", ":")), len(rows) - len(kept)
 
 
 # --------------------------------------------------------------------------------------
@@ -185,6 +202,8 @@ class SqliteStore:
                 db = sqlite3.connect(self.location, timeout=30, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
+                # a deleted row's bytes are overwritten, not left in the file's free space
+                db.execute("PRAGMA secure_delete=ON")
             self._local.db = db
         return db
 
@@ -195,6 +214,41 @@ class SqliteStore:
             .fetchone()
         )
         return None if row is None else Marker(row[0], row[1])
+
+    def forget(self, user_keys, anonymous_ids):
+        keys = sorted(user_keys)
+        anons = sorted(anonymous_ids)
+        db = self._begin()
+        try:
+            removed = 0
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                removed += db.execute(
+                    f"DELETE FROM members WHERE user_key IN ({marks})", chunk
+                ).rowcount
+                removed += db.execute(
+                    f"DELETE FROM aliases WHERE user_key IN ({marks})", chunk
+                ).rowcount
+            for i in range(0, len(anons), 500):
+                chunk = anons[i : i + 500]
+                removed += db.execute(
+                    f"DELETE FROM aliases WHERE anonymous_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).rowcount
+            for writer, payload in db.execute("SELECT writer, payload FROM batches").fetchall():
+                kept, dropped = _scrub_payload(payload, user_keys | anonymous_ids)
+                if dropped:
+                    removed += dropped
+                    db.execute("UPDATE batches SET payload = ? WHERE writer = ?", (kept, writer))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # Deleted rows stay in free pages and in the write-ahead log until these rewrite them
+        db.execute("VACUUM")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
 
     def _begin(self) -> sqlite3.Connection:
         db = self._db()
@@ -490,6 +544,31 @@ class RedisStore:
                 if segment_ids:
                     p.sadd(self._k("streamed"), *segment_ids)
             p.execute()
+
+    def forget(self, user_keys, anonymous_ids):
+        removed = 0
+        scope_sets = [self._k("s", f) for f in self._r.smembers(self._k("scopes"))]
+        aliases = self._r.hgetall(self._k("alias"))
+        stale_aliases = [a for a, u in aliases.items() if a in anonymous_ids or u in user_keys]
+        writers = list(self._r.scan_iter(self._k("b", "*")))
+        with self._r.pipeline(transaction=True) as p:
+            for user_key in sorted(user_keys):
+                p.delete(self._k("m", user_key))
+                for scope_set in scope_sets:
+                    p.srem(scope_set, user_key)
+            if stale_aliases:
+                p.hdel(self._k("alias"), *stale_aliases)
+            for writer_key in writers:
+                payload = self._r.hget(writer_key, "payload")
+                kept, dropped = _scrub_payload(payload, user_keys | anonymous_ids)
+                if dropped:
+                    removed += dropped
+                    p.hset(writer_key, "payload", kept)
+            results = p.execute()
+        per_user = 1 + len(scope_sets)  # the user's hash, then one SREM per segment set
+        for i in range(len(user_keys)):
+            removed += sum(int(r) for r in results[i * per_user + 1 : (i + 1) * per_user])
+        return removed + len(stale_aliases)
 
     def ping(self):
         self._r.ping()

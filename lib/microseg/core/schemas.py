@@ -372,3 +372,41 @@ RUNS = T.StructType(
         _field("error", STRING, True, "Error type and first line of its message, if it failed"),
     ]
 )
+
+# ops/erasures: one row per `microseg forget` request; never the identifiers themselves.
+ERASURES = T.StructType(
+    [
+        _field("request_id", STRING, False, "Id of the request (and of its run)"),
+        _field(
+            "subject_hashes",
+            T.ArrayType(STRING),
+            False,
+            "Audit hashes (keyed, not the pseudonymization hash) of the ids given",
+        ),
+        _field("identifiers", LONG, False, "Identifiers of the people found and erased"),
+        _field("requested_at", TIMESTAMP, False, "When the request started"),
+        _field("completed_at", TIMESTAMP, False, "When the erasure finished"),
+        _field("rows_removed", T.MapType(STRING, LONG), False, "Rows removed per table"),
+        _field("store_entries_removed", LONG, False, "Online store entries removed"),
+        _field("checkpoints_removed", T.ArrayType(STRING), False, "Stream checkpoints deleted"),
+        _field("vacuum_retention_hours", DOUBLE, False, "VACUUM retention used"),
+        _field(
+            "erasure_deadline",
+            TIMESTAMP,
+            False,
+            "When no file of the lake holds the rows any more (file and log retention)",
+        ),
+        _field("verified", BOOLEAN, True, "forget --verify found no hit; null: not verified"),
+        _field("verify_hits", LONG, True, "Hits of the verification scan"),
+        _field("files_scanned", LONG, True, "Files the verification read"),
+    ]
+)
+
+# ops/suppression: the ids of erased people; ingest (batch and stream) drops their records.
+SUPPRESSION = T.StructType(
+    [
+        _field("id_hash", STRING, False, "Audit hash of an identifier as the lake stores it"),
+        _field("request_id", STRING, False, "The erasure request that added it"),
+        _field("added_at", TIMESTAMP, False, "When"),
+    ]
+)

@@ -84,11 +84,16 @@ def with_driver_options(
     return {**settings, key: options} if options else dict(settings)
 
 
-def relay_stderr(stream, *, drop: tuple[str, ...] = JVM_NOTICES) -> None:
-    """Copy the driver JVM's stderr to sys.stderr as it is at each line (so that a live
-    progress display or a test's capture gets it), without the lines that start with `drop`.
-    Keeps reading to the end whatever happens to sys.stderr: a JVM blocked on a full pipe
-    would stop the job."""
+# What the driver JVM prints on its stdout that is not for people: Delta's VACUUM counts the
+# files it deleted there (microseg reports them itself)
+JVM_STDOUT_NOTICES = ("Deleted ",)
+
+
+def relay_stderr(stream, *, drop: tuple[str, ...] = JVM_NOTICES, to: str = "stderr") -> None:
+    """Copy the driver JVM's stderr (or stdout: `to`) to sys.stderr (sys.stdout) as it is at
+    each line (so that a live progress display or a test's capture gets it), without the
+    lines that start with `drop`. Keeps reading to the end whatever happens to the target: a
+    JVM blocked on a full pipe would stop the job."""
     dropped = False
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
@@ -96,7 +101,7 @@ def relay_stderr(stream, *, drop: tuple[str, ...] = JVM_NOTICES) -> None:
             dropped = True  # and the empty line that may follow it
             continue
         dropped = False
-        for target in (sys.stderr, sys.__stderr__):
+        for target in (getattr(sys, to), getattr(sys, f"__{to}__")):
             try:
                 target.write(line)
                 target.flush()
@@ -109,18 +114,21 @@ def _start_driver(settings: dict[str, str], *, verbose: bool) -> None:
     """Start the driver JVM and its SparkContext with `settings`, its stderr relayed (from
     the start: when the JVM cannot start, what it says is the reason)."""
     conf = SparkConf().setAll(list(settings.items()))
-    read_end, write_end = os.pipe()
-    threading.Thread(
-        target=relay_stderr,
-        args=(os.fdopen(read_end, "rb"),),
-        kwargs={"drop": () if verbose else JVM_NOTICES},
-        name="spark-driver-stderr",
-        daemon=True,
-    ).start()
+    write_ends = {}
+    for to, notices in (("stderr", JVM_NOTICES), ("stdout", JVM_STDOUT_NOTICES)):
+        read_end, write_ends[to] = os.pipe()
+        threading.Thread(
+            target=relay_stderr,
+            args=(os.fdopen(read_end, "rb"),),
+            kwargs={"drop": () if verbose else notices, "to": to},
+            name=f"spark-driver-{to}",
+            daemon=True,
+        ).start()
     try:
-        gateway = launch_gateway(conf, popen_kwargs={"stderr": write_end})
+        gateway = launch_gateway(conf, popen_kwargs=dict(write_ends))  # it adds its own
     finally:
-        os.close(write_end)  # the JVM (and the Python workers it starts) hold it now
+        for write_end in write_ends.values():
+            os.close(write_end)  # the JVM (and the Python workers it starts) hold them now
     SparkContext(conf=conf, gateway=gateway)
 
 

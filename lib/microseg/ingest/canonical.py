@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from microseg.core.config import ConfigError
-from microseg.core.privacy import keyed_hash
+from microseg.core.privacy import audit_key, keyed_hash
 from microseg.core.schemas import EVENT_FIELDS, MAPPABLE_FIELDS, USER_KEY_FIELDS
 from microseg.ingest.sources import SourceMapping, column_for
 
@@ -429,4 +429,30 @@ def classify(checked_df: DataFrame, existing_df: DataFrame | None) -> DataFrame:
         .when(in_bronze, F.lit("present"))
         .otherwise(F.lit("new"))
         .alias("outcome"),
+    )
+
+
+def suppress(classified_df: DataFrame, suppressed_df: DataFrame | None, key: bytes) -> DataFrame:
+    """Set `outcome` to suppressed for the records of erased people: those whose user_id or
+    anonymous_id (as stored: pseudonymized where personal) has its audit hash in
+    suppressed_df's id_hash (ops/suppression). They are written nowhere, not even to
+    quarantine: bringing the person back is what the list prevents. A record whose line is
+    not readable at all has no id to check and is quarantined as malformed."""
+    if suppressed_df is None:
+        return classified_df
+    hashes = F.broadcast(suppressed_df.select("id_hash").distinct())
+    audit = audit_key(key)
+    marked_df = classified_df
+    for column in USER_KEY_FIELDS:
+        marked_df = marked_df.join(
+            hashes.select(
+                F.col("id_hash").alias(f"_h_{column}"), F.lit(True).alias(f"_s_{column}")
+            ),
+            on=keyed_hash(F.col(column), audit) == F.col(f"_h_{column}"),
+            how="left",
+        )
+    hit = F.coalesce(*[F.col(f"_s_{c}") for c in USER_KEY_FIELDS], F.lit(False))
+    return marked_df.select(
+        *[c for c in classified_df.columns if c != "outcome"],
+        F.when(hit, F.lit("suppressed")).otherwise(F.col("outcome")).alias("outcome"),
     )

@@ -22,11 +22,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake, progress
-from microseg.core.config import Config
+from microseg.core.config import Config, ConfigError
 from microseg.core.failpoints import failpoint
 from microseg.core.runs import new_run_id
 from microseg.core.schemas import MAPPABLE_FIELDS
-from microseg.ingest.canonical import classify, to_canonical
+from microseg.ingest.canonical import classify, suppress, to_canonical
 from microseg.ingest.sources import (
     InputFile,
     SourceMapping,
@@ -98,9 +98,25 @@ def validate(
         if lake.table_exists(spark, root, lake.EVENTS)
         else None
     )
-    return classify(checked_df, existing_df).withColumn(
-        "raw", F.when(F.col("outcome") == "quarantined", F.col("raw"))
-    )
+    classified_df = without_erased(spark, cfg, classify(checked_df, existing_df))
+    return classified_df.withColumn("raw", F.when(F.col("outcome") == "quarantined", F.col("raw")))
+
+
+def without_erased(spark: SparkSession, cfg: Config, classified_df: DataFrame) -> DataFrame:
+    """classified_df with outcome `suppressed` for the records of people `microseg forget`
+    erased (ops/suppression; see canonical.suppress)."""
+    if not lake.table_exists(spark, cfg.lake.root, lake.SUPPRESSION):
+        return classified_df
+    suppressed_df = lake.read_table(spark, cfg.lake.root, lake.SUPPRESSION)
+    if suppressed_df.isEmpty():
+        return classified_df
+    key = cfg.privacy.key()
+    if key is None:
+        raise ConfigError(
+            "ops/suppression lists erased people, and checking records against it needs the "
+            "pseudonymization key: export MICROSEG_PSEUDONYMIZATION_KEY"
+        )
+    return suppress(classified_df, suppressed_df, key)
 
 
 def write_classified(
@@ -152,6 +168,7 @@ class FileReport:
     events_added: int = 0
     already_present: int = 0
     quarantined: int = 0
+    suppressed: int = 0  # records of erased people (ops/suppression), written nowhere
 
 
 @dataclass
@@ -179,6 +196,10 @@ class IngestReport:
     @property
     def quarantined(self) -> int:
         return sum(f.quarantined for f in self.files)
+
+    @property
+    def suppressed(self) -> int:
+        return sum(f.suppressed for f in self.files)
 
 
 def _already_ingested(spark: SparkSession, root: str, source: str) -> set[tuple]:
@@ -241,6 +262,8 @@ def run_ingest(
                 file_report.events_added += row["count"]
             elif row.outcome == "present":
                 file_report.already_present += row["count"]
+            elif row.outcome == "suppressed":
+                file_report.suppressed += row["count"]
             else:
                 file_report.quarantined += row["count"]
                 report.reasons[row.reason] = report.reasons.get(row.reason, 0) + row["count"]

@@ -24,13 +24,16 @@ def print_ingest_report(report: IngestReport) -> None:
     if not report.files:
         console.print("nothing new to ingest")
         return
-    table = Table("records", "events added", "already present", "quarantined")
-    table.add_row(
-        f"{report.records:,}",
-        f"{report.events_added:,}",
-        f"{report.already_present:,}",
-        f"{report.quarantined:,}",
-    )
+    counts = {
+        "records": report.records,
+        "events added": report.events_added,
+        "already present": report.already_present,
+        "quarantined": report.quarantined,
+    }
+    if report.suppressed:  # records of people `microseg forget` erased
+        counts["of erased people (dropped)"] = report.suppressed
+    table = Table(*counts)
+    table.add_row(*[f"{n:,}" for n in counts.values()])
     console.print(table)
     if report.reasons:
         reasons = Table("quarantine reason", "records", "meaning")
@@ -364,3 +367,55 @@ def print_register_report(report) -> None:
     if report.missing:
         missing = ", ".join(report.missing)
         console.print(f"not written yet (run the jobs, then register again): {missing}")
+
+
+def print_erasure(report, verification=None) -> None:
+    subjects = report.subjects
+    missing = [i for i in subjects.given if i not in subjects.found]
+    console.print(
+        f"[bold]forget[/bold] request={report.request_id}: {len(subjects.given)} id(s) given, "
+        f"{len(subjects.user_ids)} user id(s) and {len(subjects.anonymous_ids)} anonymous "
+        f"id(s) found" + (f"; no data for {', '.join(missing)}" if missing else "")
+    )
+    table = Table("table", "rows removed")
+    for name, rows in report.rows_removed.items():
+        table.add_row(name, f"{rows:,}")
+    table.add_row("online store (entries)", f"{report.store_entries_removed:,}")
+    console.print(table)
+    for path in report.checkpoints_removed:
+        console.print(
+            f"stream checkpoint {path} deleted: the next `microseg stream` rebuilds its state "
+            "from the erased lake"
+        )
+    if report.purged:
+        console.print(
+            f"deletion vectors purged (REORG ... APPLY (PURGE)): {', '.join(report.purged)}"
+        )
+    hours = report.retention.total_seconds() / 3600
+    console.print(
+        f"VACUUM (retention {hours:g} h) deleted {report.vacuumed_files:,} file(s); "
+        + (
+            "no file of the lake holds the removed rows any more"
+            if hours == 0
+            else f"files the erasure replaced go at the first forget or maintain after "
+            f"{report.completed_at + report.retention:%Y-%m-%d %H:%M} UTC"
+        )
+    )
+    if verification is None:
+        return
+    if verification.clean:
+        console.print(
+            f"[bold green]verified[/bold green]: {verification.files:,} files "
+            f"({verification.bytes / 1e6:,.1f} MB) read, no id of these people in any of them"
+        )
+        return
+    console.print(
+        f"[bold red]not verified[/bold red]: {verification.files:,} files read, "
+        f"{len(verification.hits)} hit(s), {len(verification.unreadable)} file(s) not readable"
+    )
+    hits = Table("file", "where", "id")
+    for hit in verification.hits[:50]:
+        hits.add_row(hit.path, hit.where, hit.value)
+    for path, why in verification.unreadable[:50]:
+        hits.add_row(path, f"not checked: {why}", "")
+    console.print(hits)

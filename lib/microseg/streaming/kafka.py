@@ -68,8 +68,11 @@ def kafka_events(spark: SparkSession, cfg: Config, *, watermark_delay_ms: int) -
         latest=F.current_timestamp() + F.expr(f"INTERVAL {skew_ms} MILLISECONDS"),
         key=cfg.privacy.key(),
     )
+    valid_df = ingest.without_erased(
+        spark, cfg, checked_df.filter(F.col("reason").isNull()).withColumn("outcome", F.lit("new"))
+    )
     return (
-        checked_df.filter(F.col("reason").isNull())
+        valid_df.filter(F.col("outcome") == "new")
         .select("event_id", "event_time", "event_type", "user_id", "anonymous_id")
         .withWatermark("event_time", f"{watermark_delay_ms} milliseconds")
         .dropDuplicatesWithinWatermark(["event_id"])
@@ -96,6 +99,7 @@ class IngestStats:
     events_added: int = 0
     already_present: int = 0  # a replayed micro-batch: its records are in bronze already
     quarantined: int = 0
+    suppressed: int = 0  # records of erased people (ops/suppression), written nowhere
 
 
 def ingest_kafka_batch(
@@ -122,6 +126,7 @@ def ingest_kafka_batch(
         stats.events_added += counts.get("new", 0)
         stats.already_present += counts.get("present", 0)
         stats.quarantined += counts.get("quarantined", 0)
+        stats.suppressed += counts.get("suppressed", 0)
         if counts.get("new") or counts.get("quarantined"):
             ingest.write_classified(
                 spark,

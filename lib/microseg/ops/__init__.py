@@ -1,0 +1,1 @@
+"""Operations on the whole lake: erasure (`microseg forget`) and upkeep (`microseg maintain`)."""
