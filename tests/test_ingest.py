@@ -572,3 +572,35 @@ def test_relative_lake_root_is_under_the_current_directory(spark, tmp_path, monk
     )
     assert (tmp_path / "rel-lake" / "bronze" / "events" / "_delta_log").is_dir()
     assert (tmp_path / "rel-lake" / "bronze" / "quarantine" / "_delta_log").is_dir()
+
+
+def test_text_after_the_object_and_object_valued_ids_are_quarantined(spark, cfg, tmp_path, key_env):
+    ok = json.dumps(record("e1"))
+    path = write_lines(
+        tmp_path / "in" / "tricky.jsonl",
+        [
+            ok,  # 1 valid
+            json.dumps(record("e2")) + " xyz",  # 2 trailing garbage
+            json.dumps(record("e3")) + json.dumps(record("e4")),  # 3 two objects on one line
+            json.dumps(record("e5")) + ", 1]",  # 4 closes an array we did not open
+            json.dumps(record("e6")) + "   ",  # 5 trailing spaces: valid
+            json.dumps(record("e7", user={"id": {"x": 1}, "anon_id": "a1"})),  # 6 object id
+            json.dumps(record("e8", user={"id": ["u1"], "anon_id": "a1"})),  # 7 array id
+            json.dumps(record("e9", user={"id": 42, "anon_id": "a1"})),  # 8 a number: valid
+            json.dumps(record("e10", user={"id": "{x}", "anon_id": "a1"})),  # 9 braces: valid
+            json.dumps(record({"nested": "id"})),  # 10 object event id
+        ],
+    )
+    report = run_ingest(spark, cfg, source="synthetic", path=str(path), now=NOW)
+    assert (report.records, report.events_added, report.quarantined) == (10, 4, 6)
+    got = {r.source_line: (r.reason, r.message) for r in quarantine(spark, cfg).collect()}
+    assert got == {
+        2: ("malformed_record", "text after the JSON object"),
+        3: ("malformed_record", "text after the JSON object"),
+        4: ("malformed_record", "text after the JSON object"),
+        6: ("wrong_type", """user_id '{"x":1}' is a JSON object or array, not an id"""),
+        7: ("wrong_type", """user_id '["u1"]' is a JSON object or array, not an id"""),
+        10: ("wrong_type", """event_id '{"nested":"id"}' is a JSON object or array, not an id"""),
+    }
+    rows = {r.source_line: r.user_id for r in events(spark, cfg).collect()}
+    assert rows == {1: "u1", 5: "u1", 8: "42", 9: "{x}"}

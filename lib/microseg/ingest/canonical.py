@@ -23,13 +23,15 @@ from microseg.ingest.sources import SourceMapping, column_for
 
 # Reason codes of bronze/quarantine, in the order they are checked (a record gets the first).
 REASONS = {
-    "malformed_record": "the line is not valid JSON / has the wrong number of CSV columns",
+    "malformed_record": "the line is not one valid JSON object (text after it too) / has the "
+    "wrong number of CSV columns",
     "missing_required_field": "event_time, event_type, or both user_id and anonymous_id missing",
     "unparseable_timestamp": "event_time does not match the source's timestamp format",
     "timestamp_out_of_range": "event_time is before ingest.min_event_time",
     "future_timestamp": "event_time is later than the ingest time plus ingest.max_future_skew",
     "unknown_event_type": "event_type (after the value map) is not in ingest.event_types",
-    "wrong_type": "a value cannot be read as its field's type (number, integer, boolean)",
+    "wrong_type": "a value cannot be read as its field's type (number, integer, boolean), or "
+    "an id (event_id, user_id, anonymous_id) is a JSON object or array",
     "impossible_value": "negative price, quantity below 1, non-finite number, bad currency code",
     "duplicate_event": "an event with the same event_id was already accepted",
 }
@@ -214,15 +216,42 @@ def _event_type_checks(event_types: tuple[str, ...]) -> list[Check]:
     ]
 
 
+# Fields whose value names something (a person, an event): a JSON object or array there is
+# not an id, even though its text would pass for one
+_ID_FIELDS = ("event_id", "user_id", "anonymous_id")
+
+
+def _is_json_structure(raw: Column) -> Column:
+    """The text is a JSON object or array (e.g. `"user": {"id": {"x": 1}}` read as text)."""
+    return raw.rlike(r"^\s*[\[{]") & (
+        F.json_object_keys(raw).isNotNull() | F.json_array_length(raw).isNotNull()
+    )
+
+
 def _wrong_type_checks(mapping: SourceMapping) -> list[Check]:
     return [
-        Check(
-            "wrong_type",
-            _raw(name).isNotNull() & _typed(name).isNull(),
-            F.concat(F.lit(f"{name} "), _quote(_raw(name)), F.lit(f" is not {noun}")),
-        )
-        for name in mapping.fields
-        if (noun := _type_noun(name))
+        *(
+            Check(
+                "wrong_type",
+                _raw(name).isNotNull() & _typed(name).isNull(),
+                F.concat(F.lit(f"{name} "), _quote(_raw(name)), F.lit(f" is not {noun}")),
+            )
+            for name in mapping.fields
+            if (noun := _type_noun(name))
+        ),
+        *(
+            Check(
+                "wrong_type",
+                _is_json_structure(_raw(name)),
+                F.concat(
+                    F.lit(f"{name} "),
+                    _quote(_raw(name)),
+                    F.lit(" is a JSON object or array, not an id"),
+                ),
+            )
+            for name in _ID_FIELDS
+            if name in mapping.fields
+        ),
     ]
 
 

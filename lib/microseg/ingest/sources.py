@@ -235,8 +235,23 @@ def _json_records(lines_df: DataFrame, mapping: SourceMapping) -> DataFrame:
     malformed = F.when(
         F.col("_parsed").isNull() | F.col("_parsed._corrupt_record").isNotNull(),
         F.lit("not a valid JSON object"),
-    )
+    ).when(~_one_json_value(F.col("raw")), F.lit("text after the JSON object"))
     return df.select("source_file", "source_line", "raw", malformed.alias("malformed"), *extracted)
+
+
+# The JSON parser stops after the first value of a text (it reads `{"a": 1} xyz` as {"a": 1}):
+# so the record is put in an array before this marker, and the array must have exactly two
+# elements, the second this marker.
+_END = "microseg:end-of-record:7f3c9a"
+
+
+def _one_json_value(raw: Column) -> Column:
+    """True where `raw` is one JSON value and nothing after it (whitespace aside)."""
+    wrapped = F.concat(F.lit("["), raw, F.lit(f',"{_END}"]'))
+    return F.coalesce(
+        (F.json_array_length(wrapped) == 2) & (F.get_json_object(wrapped, "$[1]") == _END),
+        F.lit(False),
+    )
 
 
 def _csv_records(lines_df: DataFrame, mapping: SourceMapping) -> DataFrame:
