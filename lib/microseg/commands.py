@@ -553,6 +553,24 @@ def _forget(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if verification is None or verification.clean else 1
 
 
+def _maintain(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.core.runs import recorded
+    from microseg.ops.maintain import run_maintain
+    from microseg.serving.console import print_maintain_report
+
+    spark = _spark(cfg, args, "maintain", "reading the lake")
+    with recorded(spark, cfg, job="maintain") as run:
+        report = run_maintain(spark, cfg)
+        failed = [t for t in report.tables if t.problem]
+        if failed:
+            run.status = "failed"
+            run.error = f"{len(failed)} table(s) failed: " + "; ".join(
+                f"{t.table}: {t.problem}" for t in failed
+            )
+    print_maintain_report(report, cfg)
+    return 1 if failed else 0
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
@@ -635,6 +653,12 @@ COMMANDS: dict[str, Command] = {
             "erase people (user or anonymous ids) from every table, file and store; --verify",
             _forget_arguments,
             _forget,
+        ),
+        Command(
+            "maintain",
+            "OPTIMIZE, VACUUM and log settings of every table; maintain.retention drops old rows",
+            lambda parser: None,
+            _maintain,
         ),
         Command(
             "report",

@@ -408,6 +408,25 @@ class PrivacyConfig(Strict):
         return None
 
 
+class MaintainConfig(Strict):
+    """`microseg maintain`: the tables' upkeep and the retention policy."""
+
+    retention: Duration | None = Field(
+        None,
+        description="Delete events older than this, and what derives from them (sessions, "
+        "daily rollups, features, closed membership intervals, changes, scores, quarantine), "
+        "at each maintain; null keeps everything.",
+    )
+    log_retention: Duration = Field(
+        timedelta(days=30),
+        description="delta.logRetentionDuration of every table: how long its transaction log "
+        "keeps old versions (time travel); whole days.",
+    )
+    checkpoint_interval: int = Field(
+        10, ge=1, description="delta.checkpointInterval: a log checkpoint every this many commits."
+    )
+
+
 class GenerateConfig(Strict):
     seed: int = 42
     users: int = Field(2000, ge=1)
@@ -435,6 +454,7 @@ class Config(Strict):
     sql: SqlConfig = SqlConfig()
     serving: ServingConfig = ServingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    maintain: MaintainConfig = MaintainConfig()
     generate: GenerateConfig = GenerateConfig()
 
 

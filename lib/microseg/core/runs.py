@@ -101,7 +101,8 @@ def recorded(
     before = table_versions(spark, root)
     try:
         yield record
-        record.status = "succeeded"
+        if record.status == "running":  # the job may have said it failed (RunRecord.error)
+            record.status = "succeeded"
     except BaseException as exc:
         record.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:1000]}"[:1100]

@@ -419,3 +419,26 @@ def print_erasure(report, verification=None) -> None:
     for path, why in verification.unreadable[:50]:
         hits.add_row(path, f"not checked: {why}", "")
     console.print(hits)
+
+
+def print_maintain_report(report, cfg) -> None:
+    retention = cfg.privacy.erasure_retention.total_seconds() / 3600
+    console.print(
+        f"[bold]maintain[/bold] {cfg.lake.root}: VACUUM retention {retention:g} h, log "
+        f"retention {cfg.maintain.log_retention.days} days, "
+        + (
+            f"rows older than {report.cutoff:%Y-%m-%d %H:%M} UTC deleted"
+            if report.cutoff
+            else "no retention policy (maintain.retention)"
+        )
+    )
+    table = Table("table", "rows expired", "files compacted", "files vacuumed", "problem")
+    for t in report.tables:
+        table.add_row(
+            t.table,
+            f"{t.rows_expired:,}",
+            f"{t.files_compacted:,}",
+            f"{t.files_vacuumed:,}",
+            t.problem or "",
+        )
+    console.print(table)
