@@ -386,11 +386,33 @@ class ServingConfig(Strict):
     port: int = Field(8000, ge=1, le=65535, description="Port of `microseg serve`.")
 
 
+class ConsentConfig(Strict):
+    """How consent (silver/consent) is honoured; README "Consent"."""
+
+    analytics_unknown: Literal["granted", "denied"] = Field(
+        "granted",
+        description="Analytics consent of a user with no consent_analytics signal before the "
+        "as-of time. Users whose analytics consent does not hold get no features row, so no "
+        "segment, cluster or score.",
+    )
+    marketing_unknown: Literal["granted", "denied"] = Field(
+        "denied",
+        description="Marketing consent of a user with no consent_marketing signal before the "
+        "as-of time.",
+    )
+    marketing_tags: list[str] = Field(
+        default_factory=list,
+        description="Rule segments carrying any of these tags are marketing segments: their "
+        "members are only users whose marketing consent holds at the run's as-of time.",
+    )
+
+
 class PrivacyConfig(Strict):
     pseudonymization_key: SecretStr | None = Field(
         None, description="Key of the keyed hash for personal fields; prefer the env variable."
     )
     pseudonymization_key_env: str = "MICROSEG_PSEUDONYMIZATION_KEY"
+    consent: ConsentConfig = ConsentConfig()
     erasure_retention: Duration = Field(
         timedelta(days=7),
         description="VACUUM retention of `microseg forget` and `microseg maintain`: the files "

@@ -88,6 +88,13 @@ USER_DAYS = Table(
     "counts; maintained incrementally by sessionize.",
     identifiers={"raw_key": "user_key", "anonymous_id": "anonymous_id"},
 )
+CONSENT = Table(
+    "silver/consent",
+    schemas.CONSENT,
+    comment="Consent history: per user key and purpose (analytics, marketing), one row per "
+    "state, from the events' consent fields; rebuilt by sessionize.",
+    identifiers={"user_key": "user_key"},
+)
 USER_FEATURES = Table(
     "gold/user_features",
     schemas.USER_FEATURES_KEYS,
@@ -249,6 +256,7 @@ ALL_TABLES = (
     IDENTITY_MAP,
     SESSIONS,
     USER_DAYS,
+    CONSENT,
     USER_FEATURES,
     SEGMENT_MEMBERSHIP,
     SEGMENT_CHANGES,

@@ -190,6 +190,19 @@ USER_DAYS = T.StructType(
     ]
 )
 
+# silver/consent: per user and purpose, one row per consent state (microseg.silver.consent).
+CONSENT = T.StructType(
+    [
+        _field("user_key", STRING, False, "User key (see silver/sessions)"),
+        _field("purpose", STRING, False, "analytics or marketing"),
+        _field("granted", BOOLEAN, False, "Consent granted (true) or denied (false)"),
+        _field("valid_from", TIMESTAMP, False, "Time of the event that set it"),
+        _field("valid_to", TIMESTAMP, True, "Time of the next change; null while current"),
+        _field("is_current", BOOLEAN, False, "valid_to is null"),
+        _field("event_id", STRING, False, "The event that set it"),
+    ]
+)
+
 WATERMARKS = T.StructType(
     [
         _field("job", STRING, False, "Job name"),

@@ -14,6 +14,7 @@ from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 from microseg.features.point_in_time import features_as_of
 from microseg.features.user_features import compute_features, keyed_events_before, select_features
+from microseg.silver.consent import consented, read_history
 from microseg.silver.sessions import run_sessionize
 
 
@@ -69,6 +70,15 @@ def run_features(
             inactivity_timeout=sessions.inactivity_timeout,
             max_session_length=sessions.max_session_length,
         )
+    # users whose analytics consent does not hold at as_of get no features (nor segments,
+    # clusters or scores, which read these)
+    features_df = consented(
+        features_df,
+        read_history(spark, root),
+        "analytics",
+        as_of,
+        default=cfg.privacy.consent.analytics_unknown == "granted",
+    )
     progress.step(f"writing {lake.USER_FEATURES.name}")
     try:
         _write(features_df, root=root, as_of=as_of, run_id=run_id)

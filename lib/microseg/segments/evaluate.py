@@ -42,6 +42,7 @@ from microseg.segments.model import (
     sql_conditions,
 )
 from microseg.segments.parse import load_segments
+from microseg.silver.consent import consented, read_history
 
 SOURCE = "rule"
 
@@ -223,6 +224,27 @@ def held_back(
     )
 
 
+def with_marketing_consent(spark, cfg: Config, catalog, flags_df, as_of: datetime):
+    """flags_df with the flags of marketing segments (privacy.consent.marketing_tags) false
+    for users whose marketing consent does not hold at as_of."""
+    tags = set(cfg.privacy.consent.marketing_tags)
+    marketing = [s for s in catalog.segments if tags & set(s.tags or ())]
+    if not marketing:
+        return flags_df
+    allowed_df = consented(
+        flags_df.select("user_key"),
+        read_history(spark, cfg.lake.root),
+        "marketing",
+        as_of,
+        default=cfg.privacy.consent.marketing_unknown == "granted",
+    ).select("user_key", F.lit(True).alias("_marketing_ok"))
+    joined_df = flags_df.join(allowed_df, on="user_key", how="left")
+    ok = F.coalesce(F.col("_marketing_ok"), F.lit(False))
+    for segment in marketing:
+        joined_df = joined_df.withColumn(_flag(segment.id), F.col(_flag(segment.id)) & ok)
+    return joined_df.drop("_marketing_ok")
+
+
 def run_segments(
     spark: SparkSession,
     cfg: Config,
@@ -252,7 +274,9 @@ def run_segments(
             max_session_length=cfg.sessions.max_session_length,
         )
     frame_df = with_facts(features_df, facts_df, facts)
-    flags_df = evaluate(catalog, frame_df, as_of).persist()
+    flags_df = with_marketing_consent(
+        spark, cfg, catalog, evaluate(catalog, frame_df, as_of), as_of
+    ).persist()
     try:
         counts = flags_df.agg(
             F.count(F.lit(1)).alias("_users"),

@@ -27,6 +27,7 @@ from microseg.core import lake, progress
 from microseg.core.config import Config
 from microseg.core.runs import new_run_id
 from microseg.silver import rollups
+from microseg.silver.consent import consent_history
 from microseg.silver.keys import ANON_PREFIX, user_key_of
 
 JOB = "sessionize"
@@ -392,6 +393,13 @@ def run_sessionize(
             )
         progress.step("rolling up events per user and day")
         rollups.refresh_user_days(spark, root, events_df, None if watermark is None else new_df)
+        progress.step("writing silver/consent")
+        lake.overwrite(
+            spark,
+            root,
+            lake.CONSENT,
+            consent_history(with_user_key(events_df, identity_df, broadcast=small_map)),
+        )
         progress.step("writing silver/identity_map")
         _write_identities(spark, root, identity_df, previous_df)
         lake.write_watermark(spark, root, JOB, latest, report.run_id)
