@@ -120,9 +120,7 @@ segments:
 """
 
 
-def test_features_leave_out_analytics_denied_and_marketing_segments_need_consent(
-    spark, tmp_path
-):
+def test_features_leave_out_analytics_denied_and_marketing_segments_need_consent(spark, tmp_path):
     segments = tmp_path / "segments.yaml"
     segments.write_text(CATALOG)
     cfg = make_config(

@@ -12,6 +12,7 @@ import hmac
 import io
 import json
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 from tests.conftest import make_config
+from tests.test_cli import cli
 from tests.test_sessions import T0, ev, write_bronze
 
 from microseg.core import lake
@@ -134,6 +136,8 @@ def erased(spark, tmp_path_factory):
     in_store_before = [m.segment_id for m in store.user_segments("u0000002")]
     store.close()
     before = other_rows(spark, root)
+    pristine = base / "pristine"
+    shutil.copytree(root, pristine)
     report = run_forget(spark, cfg, GIVEN, request_id="request-1")
     verification = scan_lake(root, report.subjects.keys)
     record_erasure(spark, cfg, report, verification=verification)
@@ -141,6 +145,7 @@ def erased(spark, tmp_path_factory):
         "cfg": cfg,
         "events": events,
         "before": before,
+        "pristine": pristine,
         "in_store_before": in_store_before,
         "report": report,
         "verification": verification,
@@ -199,6 +204,30 @@ def test_the_audit_row_has_hashes_only_and_reingest_brings_nobody_back(spark, er
     again = run_forget(spark, cfg, GIVEN, request_id="request-2")
     assert set(again.rows_removed.values()) == {0}
     assert again.store_entries_removed == 0
+
+
+SETTINGS = [
+    f"privacy.pseudonymization_key={KEY}",
+    "privacy.pseudonymization_key_env=MICROSEG_TEST_UNSET_KEY",
+    "privacy.erasure_retention=0h",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["forget.after_store", "forget.after_table.bronze/events"])
+def test_a_forget_killed_midway_completes_when_run_again(spark, erased, tmp_path, crash_at):
+    """kill -9 (a failpoint exits at once) after the store, or after bronze/events with only
+    silver/identity_map left: the rerun finds the same people and leaves the lake as an
+    uninterrupted forget does."""
+    shutil.copytree(erased["pristine"], tmp_path / "lake")
+    settings = [a for s in SETTINGS for a in ("--set", s)]
+    crashed = cli(tmp_path, "forget", *GIVEN, *settings, env={"MICROSEG_FAILPOINTS": crash_at})
+    assert crashed.returncode == 137, crashed.stderr
+    cfg = make_config(tmp_path, *SETTINGS)
+    report = run_forget(spark, cfg, GIVEN, request_id="rerun")
+    assert report.subjects.user_ids == {"u0000039", "u0000033", "u0000002"}
+    assert traces(tmp_path / "lake") == []
+    assert other_rows(spark, cfg.lake.root) == erased["before"]
 
 
 # --------------------------------------------------------------------------------------

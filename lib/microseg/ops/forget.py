@@ -8,19 +8,20 @@ interruption is completed by running the same request again:
 
 1. the keys' audit hashes go to ops/suppression: ingest (batch and stream) drops records of
    erased people from then on, so re-ingesting old files does not bring them back;
-2. every table with identifier columns (`lake.Table.identifiers`) loses the people's rows in
+2. the online store loses the people's members, aliases and pending change rows, and its
+   file is rewritten (SQLite: VACUUM, then the write-ahead log is truncated); the stream's
+   checkpoints are deleted: its state holds per-user facts. The next `microseg stream`
+   rebuilds them from the erased lake (stop the stream before forgetting);
+3. every table with identifier columns (`lake.Table.identifiers`) loses the people's rows in
    one MERGE each, joined against a one-row source holding the keys: a DELETE's predicate,
    literal values included, would be written into the Delta log. Arrays that list other
-   people too (identity_map.user_ids) lose only the erased ids;
-3. where deletion vectors are on, `REORG TABLE ... APPLY (PURGE)` rewrites the files they
+   people too (identity_map.user_ids) lose only the erased ids. Derived tables go first,
+   the two `resolve` reads last (`erasure_order`), so that a rerun finds the same people;
+4. where deletion vectors are on, `REORG TABLE ... APPLY (PURGE)` rewrites the files they
    mark (a deletion vector leaves the row in its Parquet file);
-4. the online store loses the people's members, aliases and pending change rows, and its
-   file is rewritten (SQLite: VACUUM, then the write-ahead log is truncated);
-5. the stream's checkpoints are deleted: its state holds per-user facts. The next
-   `microseg stream` rebuilds them from the erased lake (stop the stream before forgetting);
-6. VACUUM with privacy.erasure_retention removes the replaced files and the Change Data Feed
+5. VACUUM with privacy.erasure_retention removes the replaced files and the Change Data Feed
    files (`_change_data/`) that still hold the rows, once they are that old;
-7. a row in ops/erasures records the request with hashed ids only.
+6. a row in ops/erasures records the request with hashed ids only.
 
 Delta keeps no file statistics on identifier columns (`delta.dataSkippingStatsColumns`), so
 the transaction log never holds an id; `microseg.ops.verify` checks every file.
@@ -38,6 +39,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake, progress
 from microseg.core.clock import utc_now
 from microseg.core.config import Config, ConfigError
+from microseg.core.failpoints import failpoint
 from microseg.core.online_store import open_store
 from microseg.core.privacy import audit_hash, id_pattern, pseudonym
 from microseg.streaming.checkpoint import checkpoint_path, history_checkpoint_path
@@ -259,6 +261,15 @@ def vacuum(spark: SparkSession, root: str, table: lake.Table, retention: timedel
     return 0
 
 
+def erasure_order() -> list[lake.Table]:
+    """The tables with identifiers, in the order forget erases them: derived ones first, then
+    bronze/events, and silver/identity_map last. `resolve` reads the last two, so a forget
+    interrupted at any point finds the same people when it runs again."""
+    last = [lake.EVENTS, lake.IDENTITY_MAP]
+    derived = [t for t in reversed(lake.ALL_TABLES) if t.identifiers and t not in last]
+    return [*derived, *last]
+
+
 def _delete_folder(spark: SparkSession, path: str) -> bool:
     jvm = spark._jvm
     hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
@@ -295,20 +306,7 @@ def run_forget(
         lake.SUPPRESSION.schema,
     )
     lake.insert_new(spark, root, lake.SUPPRESSION, suppression_df, keys=("id_hash",))
-
-    source_df = spark.createDataFrame(
-        [(sorted(subjects.keys), id_pattern(subjects.keys))],
-        "keys array<string>, pattern string",
-    )
-    for table in lake.ALL_TABLES:
-        if not table.identifiers or not lake.table_exists(spark, root, table):
-            continue
-        progress.step(f"erasing from {table.name}")
-        protect_table(spark, root, table)
-        report.rows_removed[table.name] = _erase_table(spark, root, table, source_df)
-        if (_table_property(spark, root, table, "delta.enableDeletionVectors") or "") == "true":
-            spark.sql(f"REORG TABLE delta.`{lake.table_path(root, table)}` APPLY (PURGE)")
-            report.purged.append(table.name)
+    failpoint("forget.after_suppression")
 
     progress.step("erasing from the online store")
     store = open_store(cfg)
@@ -316,13 +314,28 @@ def run_forget(
         report.store_entries_removed = store.forget(subjects.keys, subjects.anonymous_ids)
     finally:
         store.close()
-
     for path in (checkpoint_path(cfg), history_checkpoint_path(cfg)):
         if _delete_folder(spark, path):
             report.checkpoints_removed.append(path)
+    failpoint("forget.after_store")
 
-    for table in lake.ALL_TABLES:
-        if table.identifiers and lake.table_exists(spark, root, table):
+    source_df = spark.createDataFrame(
+        [(sorted(subjects.keys), id_pattern(subjects.keys))],
+        "keys array<string>, pattern string",
+    )
+    for table in erasure_order():
+        if not lake.table_exists(spark, root, table):
+            continue
+        progress.step(f"erasing from {table.name}")
+        protect_table(spark, root, table)
+        report.rows_removed[table.name] = _erase_table(spark, root, table, source_df)
+        if (_table_property(spark, root, table, "delta.enableDeletionVectors") or "") == "true":
+            spark.sql(f"REORG TABLE delta.`{lake.table_path(root, table)}` APPLY (PURGE)")
+            report.purged.append(table.name)
+        failpoint(f"forget.after_table.{table.name}")
+
+    for table in erasure_order():
+        if lake.table_exists(spark, root, table):
             progress.step(f"vacuuming {table.name}")
             report.vacuumed_files += vacuum(spark, root, table, report.retention)
 
