@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from pyspark.sql import functions as F
 from tests.conftest import make_config
-from tests.test_sessions import T0, ev, events_df
+from tests.test_sessions import T0, ev, events_df, write_bronze
 
 from microseg.core import lake
 from microseg.features.job import run_features
@@ -92,18 +92,7 @@ def test_state_at_a_time_uses_signals_strictly_before_it(spark):
 
 
 def write_events(spark, cfg, rows):
-    df = with_consent(spark, rows).select(
-        "*",
-        F.to_date("event_time").alias("event_date"),
-        F.lit("test").alias("source"),
-        F.lit("file:/test").alias("source_file"),
-        F.lit(1).cast("long").alias("source_line"),
-        F.lit("run").alias("ingest_run_id"),
-    )
-    for name in lake.EVENTS.schema.names:
-        if name not in df.columns:
-            df = df.withColumn(name, F.lit(None))
-    lake.insert_new(spark, cfg.lake.root, lake.EVENTS, df, keys=("event_id",))
+    write_bronze(spark, cfg, rows, frame=with_consent(spark, rows))
 
 
 CATALOG = """\

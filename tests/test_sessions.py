@@ -257,8 +257,10 @@ def test_identity_stitching_is_retroactive_and_counts_conflicts(spark):
 # the incremental job
 
 
-def write_bronze(spark, cfg, rows):
-    df = events_df(spark, rows).select(
+def write_bronze(spark, cfg, rows, *, frame=None):
+    """Append rows (ev() tuples) to bronze/events, or `frame` (their DataFrame, with more
+    columns) when given."""
+    df = (events_df(spark, rows) if frame is None else frame).select(
         "*",
         F.to_date("event_time").alias("event_date"),
         F.lit("test").alias("source"),

@@ -42,6 +42,7 @@ from microseg.core.config import Config, ConfigError
 from microseg.core.failpoints import failpoint
 from microseg.core.online_store import open_store
 from microseg.core.privacy import audit_hash, id_pattern, pseudonym
+from microseg.core.spark import session_conf
 from microseg.streaming.checkpoint import checkpoint_path, history_checkpoint_path
 
 # Delta's shortest VACUUM retention without turning its safety check off
@@ -242,19 +243,10 @@ def vacuum(spark: SparkSession, root: str, table: lake.Table, retention: timedel
     }
     if retention < _DELTA_MIN_RETENTION:
         settings["spark.databricks.delta.retentionDurationCheck.enabled"] = "false"
-    before = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    try:
+    with session_conf(spark, settings):
         spark.sql(
             f"VACUUM delta.`{path}` RETAIN {retention.total_seconds() / 3600:.6f} HOURS"
         ).collect()
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
     metrics = DeltaTable.forPath(spark, path).history(1).first()
     if metrics["operation"] == "VACUUM END":
         return int((metrics["operationMetrics"] or {}).get("numDeletedFiles") or 0)

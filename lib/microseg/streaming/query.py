@@ -94,6 +94,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from microseg.core import lake, progress
 from microseg.core.config import Config, ConfigError
+from microseg.core.spark import session_conf
 from microseg.segments.parse import load_segments
 from microseg.streaming import lifecycle
 from microseg.streaming.checkpoint import (
@@ -212,17 +213,8 @@ def start_stream(
         # RocksDB: commit a changelog per micro-batch, a full snapshot only now and then
         "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
     }
-    previous = {key: spark.conf.get(key, None) for key in settings}
-    for key, value in settings.items():
-        spark.conf.set(key, value)
-    try:
+    with session_conf(spark, settings):
         return writer.start()
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
 
 
 def reset_stream_rows(spark: SparkSession, cfg: Config, sink: StreamSink) -> None:
