@@ -248,6 +248,7 @@ def test_checks_of_a_mapping_run_in_the_order_of_reasons(spark):
         "future_timestamp",
         "unknown_event_type",
         *["wrong_type"] * 4,  # price, quantity, consent_analytics, consent_marketing
+        *["wrong_type"] * 3,  # event_id, user_id, anonymous_id: a JSON object or array
         *["impossible_value"] * 4,  # price not finite, price negative, quantity, currency
     ]
     order = list(REASONS)

@@ -120,7 +120,7 @@ TRIED = {"examples": 0, "records": 0}
 
 @pytest.mark.slow
 @settings(
-    max_examples=8,
+    max_examples=5,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
