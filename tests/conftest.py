@@ -123,3 +123,14 @@ def redis_url(tmp_path_factory):
         pytest.skip(str(exc))
     yield url
     stop_redis(process)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Soak tests run only when asked for by name (-m soak): they take about half an hour."""
+    wanted = config.getoption("markexpr") or ""
+    if "soak" in wanted and "not soak" not in wanted:
+        return
+    skip = pytest.mark.skip(reason="soak test: run with ./scripts/test -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

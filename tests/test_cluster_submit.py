@@ -100,7 +100,7 @@ def cluster(tmp_path_factory):
             pid_file = state / f"{name}.pid"
             if pid_file.exists():
                 pids[name] = int(pid_file.read_text())
-        assert started.returncode == 0, started.stderr[-3000:]
+        assert started.returncode == 0, started.stderr[:1500] + "\n...\n" + started.stderr[-1500:]
         url = started.stdout.strip().splitlines()[-1]
         assert url == f"spark://127.0.0.1:{env['MICROSEG_MASTER_PORT']}"
         yield Cluster(url, f"http://127.0.0.1:{webui}/json/", pids)

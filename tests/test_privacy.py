@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 from tests.conftest import make_config
-from tests.test_cli import cli
 from tests.test_sessions import T0, ev, write_bronze
 
 from microseg.core import lake
 from microseg.core.config import GenerateConfig
+from microseg.core.failpoints import Crash, crash_at
 from microseg.core.online_store import open_store
 from microseg.core.privacy import id_pattern, keyed_hash
 from microseg.core.privacy import pseudonym as python_pseudonym
@@ -215,16 +215,15 @@ SETTINGS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_at", ["forget.after_table.bronze/events"])
-def test_a_forget_killed_midway_completes_when_run_again(spark, erased, tmp_path, crash_at):
-    """kill -9 (a failpoint exits at once) after the store, or after bronze/events with only
-    silver/identity_map left: the rerun finds the same people and leaves the lake as an
-    uninterrupted forget does."""
+def test_a_forget_killed_midway_completes_when_run_again(spark, erased, tmp_path):
+    """Killed after the store, or after bronze/events with only silver/identity_map left: the
+    rerun finds the same people and leaves the lake as an uninterrupted forget does."""
     shutil.copytree(erased["pristine"], tmp_path / "lake")
-    settings = [a for s in SETTINGS for a in ("--set", s)]
-    crashed = cli(tmp_path, "forget", *GIVEN, *settings, env={"MICROSEG_FAILPOINTS": crash_at})
-    assert crashed.returncode == 137, crashed.stderr
     cfg = make_config(tmp_path, *SETTINGS)
+    with pytest.raises(Crash), crash_at(names=("after.store",)):
+        run_forget(spark, cfg, GIVEN, request_id="killed")
+    with pytest.raises(Crash), crash_at(names=("after.bronze/events",)):
+        run_forget(spark, cfg, GIVEN, request_id="killed again")
     report = run_forget(spark, cfg, GIVEN, request_id="rerun")
     assert report.subjects.user_ids == {"u0000039", "u0000033", "u0000002"}
     assert traces(tmp_path / "lake") == []

@@ -64,12 +64,12 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ingest(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.runs import recorded
     from microseg.ingest.files import run_ingest
+    from microseg.ops.forget import recorded_job
     from microseg.serving.console import print_ingest_report
 
     spark = _spark(cfg, args, "ingest", f"reading {args.path}")
-    with recorded(spark, cfg, job="ingest") as run:
+    with recorded_job(spark, cfg, job="ingest") as run:
         report = run_ingest(
             spark,
             cfg,
@@ -125,12 +125,12 @@ def _sessionize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sessionize(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.runs import recorded
+    from microseg.ops.forget import recorded_job
     from microseg.serving.console import print_sessionize_report
     from microseg.silver.sessions import run_sessionize
 
     spark = _spark(cfg, args, "sessionize", "reading new events")
-    with recorded(spark, cfg, job="sessionize") as run:
+    with recorded_job(spark, cfg, job="sessionize") as run:
         report = run_sessionize(spark, cfg, full=args.full, run_id=run.run_id)
         run.read("bronze/events", report.new_events)
     print_sessionize_report(report)
@@ -165,12 +165,12 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _features(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.runs import recorded
     from microseg.features.job import run_features
+    from microseg.ops.forget import recorded_job
     from microseg.serving.console import print_features_report
 
     spark = _spark(cfg, args, "features", f"computing features as of {args.as_of:%Y-%m-%d %H:%M}")
-    with recorded(spark, cfg, job="features", as_of=args.as_of) as run:
+    with recorded_job(spark, cfg, job="features", as_of=args.as_of) as run:
         result = run_features(
             spark, cfg, as_of=args.as_of, run_id=run.run_id, from_scratch=args.from_scratch
         )
@@ -222,9 +222,9 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
             ) from None
         report.print_segment(spark, cfg, catalog, args.segment_id)
         return 0
-    from microseg.core.runs import recorded
+    from microseg.ops.forget import recorded_job
 
-    with recorded(spark, cfg, job="segments run", as_of=args.as_of) as run:
+    with recorded_job(spark, cfg, job="segments run", as_of=args.as_of) as run:
         result = run_segments(spark, cfg, as_of=args.as_of, path=args.file, run_id=run.run_id)
     report.print_segments_report(result)
     return 0
@@ -257,8 +257,8 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.runs import recorded
     from microseg.ml import clustering
+    from microseg.ops.forget import recorded_job
     from microseg.serving.console import print_cluster_assign, print_cluster_train
 
     spark = _spark(
@@ -267,7 +267,7 @@ def _cluster(cfg: Config, args: argparse.Namespace) -> int:
         f"cluster-{args.action}",
         "training KMeans" if args.action == "train" else "assigning users to clusters",
     )
-    with recorded(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
+    with recorded_job(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
             result = clustering.train_clusters(
                 spark, cfg, as_of=args.as_of, ground_truth=args.ground_truth, run_id=run.run_id
@@ -295,8 +295,8 @@ def _propensity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _propensity(cfg: Config, args: argparse.Namespace) -> int:
-    from microseg.core.runs import recorded
     from microseg.ml import propensity
+    from microseg.ops.forget import recorded_job
 
     spark = _spark(
         cfg,
@@ -304,7 +304,7 @@ def _propensity(cfg: Config, args: argparse.Namespace) -> int:
         f"propensity-{args.action}",
         f"training {args.target}" if args.action == "train" else f"scoring {args.target}",
     )
-    with recorded(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of) as run:
+    with recorded_job(spark, cfg, job=f"propensity {args.action}", as_of=args.as_of) as run:
         if args.action == "train":
             result = propensity.train_propensity(
                 spark, cfg, target=args.target, as_of=args.as_of, run_id=run.run_id

@@ -24,6 +24,7 @@ from microseg.core.clock import naive_utc
 from microseg.core.config import Config
 from microseg.core.runs import recorded
 from microseg.features import snapshots
+from microseg.ops.forget import recorded_job
 
 
 class PipelineError(Exception):
@@ -65,7 +66,7 @@ def _ingest(spark, cfg, as_of):
         return "skipped", None, "no pipeline.inputs configured"
     added, files, details = 0, 0, []
     for item in cfg.pipeline.inputs:
-        with recorded(spark, cfg, job="ingest") as run:
+        with recorded_job(spark, cfg, job="ingest") as run:
             report = run_ingest(
                 spark,
                 cfg,
@@ -84,7 +85,7 @@ def _ingest(spark, cfg, as_of):
 def _sessionize(spark, cfg, as_of):
     from microseg.silver.sessions import run_sessionize
 
-    with recorded(spark, cfg, job="sessionize") as run:
+    with recorded_job(spark, cfg, job="sessionize") as run:
         report = run_sessionize(spark, cfg, run_id=run.run_id)
         run.read("bronze/events", report.new_events)
     if report.mode == "nothing new":
@@ -105,7 +106,7 @@ def _features(spark, cfg, as_of):
 
     if _features_current(spark, cfg, as_of):
         return "skipped", None, "features as of T are newer than the latest ingested event"
-    with recorded(spark, cfg, job="features", as_of=as_of) as run:
+    with recorded_job(spark, cfg, job="features", as_of=as_of) as run:
         report = run_features(spark, cfg, as_of=as_of, run_id=run.run_id, refresh_silver=False)
     return "done", report.users, f"{report.features} features"
 
@@ -135,7 +136,7 @@ def _segments(spark, cfg, as_of):
 
     if _segments_current(spark, cfg, as_of):
         return "skipped", None, "segments as of T are up to date with features and definitions"
-    with recorded(spark, cfg, job="segments run", as_of=as_of) as run:
+    with recorded_job(spark, cfg, job="segments run", as_of=as_of) as run:
         report = run_segments(spark, cfg, as_of=as_of, run_id=run.run_id)
     active = sum(1 for s in report.segments if s.status == "active")
     members = sum(s.size for s in report.segments)
@@ -148,7 +149,7 @@ def _clusters(spark, cfg, as_of):
     name = cfg.cluster.model_name
     if not _has_model(spark, cfg, "cluster", name):
         return "skipped", None, f"no cluster model '{name}' yet: microseg cluster train --as-of T"
-    with recorded(spark, cfg, job="cluster assign", as_of=as_of) as run:
+    with recorded_job(spark, cfg, job="cluster assign", as_of=as_of) as run:
         report = assign_clusters(spark, cfg, as_of=as_of, run_id=run.run_id)
     return "done", report.users, f"model version {report.version}"
 
@@ -161,7 +162,7 @@ def _propensity(spark, cfg, as_of):
         if not _has_model(spark, cfg, "propensity", target):
             details.append(f"{target}: no model (microseg propensity train --target {target})")
             continue
-        with recorded(spark, cfg, job="propensity score", as_of=as_of) as run:
+        with recorded_job(spark, cfg, job="propensity score", as_of=as_of) as run:
             report = score_propensity(spark, cfg, target=target, as_of=as_of, run_id=run.run_id)
         done.append(target)
         rows += report.users

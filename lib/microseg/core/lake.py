@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from microseg.core import schemas
+from microseg.core.failpoints import durable
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def insert_new(
         .whenNotMatchedInsertAll()
         .execute()
     )
+    durable(table.name)
 
 
 SEGMENT_MEMBERSHIP = Table(
@@ -281,6 +283,7 @@ def overwrite(spark: SparkSession, root: str, table: Table, rows: DataFrame) -> 
     elif current != (tuple(table.schema.names), table.partition_by):
         writer = writer.option("overwriteSchema", "true")
     writer.partitionBy(*table.partition_by).save(table_path(root, table))
+    durable(table.name)
 
 
 def layout(spark: SparkSession, root: str, table: Table) -> tuple[tuple, tuple] | None:
@@ -324,6 +327,7 @@ def write_watermark(spark: SparkSession, root: str, job: str, watermark, run_id:
         .option("replaceWhere", f"job = '{job}'")
         .save(table_path(root, WATERMARKS))
     )
+    durable(f"{WATERMARKS.name}:{job}")
 
 
 def summarize(spark: SparkSession, root: str) -> list[dict]:

@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake, progress
 from microseg.core.clock import naive_utc, utc_now
 from microseg.core.config import Config
+from microseg.core.failpoints import Crash
 
 log = logging.getLogger("microseg")
 
@@ -103,22 +104,30 @@ def recorded(
         yield record
         if record.status == "running":  # the job may have said it failed (RunRecord.error)
             record.status = "succeeded"
+    except Crash:
+        record.status = "killed"  # a test's kill point: a killed process records nothing
+        raise
     except BaseException as exc:
         record.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:1000]}"[:1100]
         raise
     finally:
-        record.ended_at = utc_now()
-        try:
-            progress.step("recording the run in ops/runs")
-            after = table_versions(spark, root)
-            for name, version in after.items():
-                if version != before.get(name):
-                    record.versions[name] = version
-                    record.rows_written[name] = _written(spark, root, name, before.get(name, -1))
-            append(spark, root, record)
-        except Exception:  # noqa: BLE001 - never hide the job's own outcome
-            log.warning("could not record the run in ops/runs", exc_info=True)
+        if record.status != "killed":
+            _record(spark, root, record, before)
+
+
+def _record(spark: SparkSession, root: str, record: RunRecord, before: dict[str, int]) -> None:
+    record.ended_at = utc_now()
+    try:
+        progress.step("recording the run in ops/runs")
+        after = table_versions(spark, root)
+        for name, version in after.items():
+            if version != before.get(name):
+                record.versions[name] = version
+                record.rows_written[name] = _written(spark, root, name, before.get(name, -1))
+        append(spark, root, record)
+    except Exception:  # noqa: BLE001 - never hide the job's own outcome
+        log.warning("could not record the run in ops/runs", exc_info=True)
 
 
 def append(spark: SparkSession, root: str, record: RunRecord) -> None:

@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake, progress
 from microseg.core.clock import naive_utc
 from microseg.core.config import Config
+from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.features.point_in_time import features_as_of
 from microseg.features.user_features import compute_features, keyed_events_before, select_features
@@ -105,3 +106,4 @@ def _write(features_df, *, root: str, as_of: datetime, run_id: str) -> None:
         .partitionBy("as_of_date")
         .save(lake.table_path(root, lake.USER_FEATURES))
     )
+    durable(lake.USER_FEATURES.name)

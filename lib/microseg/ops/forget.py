@@ -29,6 +29,8 @@ the transaction log never holds an id; `microseg.ops.verify` checks every file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -39,9 +41,10 @@ from pyspark.sql import functions as F
 from microseg.core import lake, progress
 from microseg.core.clock import utc_now
 from microseg.core.config import Config, ConfigError
-from microseg.core.failpoints import failpoint
+from microseg.core.failpoints import durable
 from microseg.core.online_store import open_store
-from microseg.core.privacy import audit_hash, id_pattern, pseudonym
+from microseg.core.privacy import audit_hash, audit_key, id_pattern, keyed_hash, pseudonym
+from microseg.core.runs import RunRecord, recorded
 from microseg.core.spark import session_conf
 from microseg.streaming.checkpoint import checkpoint_path, history_checkpoint_path
 
@@ -298,7 +301,6 @@ def run_forget(
         lake.SUPPRESSION.schema,
     )
     lake.insert_new(spark, root, lake.SUPPRESSION, suppression_df, keys=("id_hash",))
-    failpoint("forget.after_suppression")
 
     progress.step("erasing from the online store")
     store = open_store(cfg)
@@ -306,10 +308,11 @@ def run_forget(
         report.store_entries_removed = store.forget(subjects.keys, subjects.anonymous_ids)
     finally:
         store.close()
+    durable("store")
     for path in (checkpoint_path(cfg), history_checkpoint_path(cfg)):
         if _delete_folder(spark, path):
             report.checkpoints_removed.append(path)
-    failpoint("forget.after_store")
+            durable(f"checkpoint {path}")
 
     source_df = spark.createDataFrame(
         [(sorted(subjects.keys), id_pattern(subjects.keys))],
@@ -321,18 +324,98 @@ def run_forget(
         progress.step(f"erasing from {table.name}")
         protect_table(spark, root, table)
         report.rows_removed[table.name] = _erase_table(spark, root, table, source_df)
+        durable(table.name)
         if (_table_property(spark, root, table, "delta.enableDeletionVectors") or "") == "true":
             spark.sql(f"REORG TABLE delta.`{lake.table_path(root, table)}` APPLY (PURGE)")
             report.purged.append(table.name)
-        failpoint(f"forget.after_table.{table.name}")
+            durable(f"{table.name} purge")
 
     for table in erasure_order():
         if lake.table_exists(spark, root, table):
             progress.step(f"vacuuming {table.name}")
             report.vacuumed_files += vacuum(spark, root, table, report.retention)
+            durable(f"{table.name} vacuum")
 
     report.completed_at = utc_now()
     return report
+
+
+# a job's start and a forget's suppression rows may come from two machines' clocks
+_CLOCK_SLACK = timedelta(minutes=5)
+
+
+def settle_erasures(spark: SparkSession, cfg: Config, since: datetime) -> dict[str, int]:
+    """Erase again the people whose erasure began after `since` (ops/suppression rows added
+    since), from every identifier table and the online store: a job that read their events
+    before a concurrent `forget` erased them may have written their rows after it. Rows
+    removed per table; {} (one small read) when nobody was erased meanwhile."""
+    root = cfg.lake.root
+    if not lake.table_exists(spark, root, lake.SUPPRESSION):
+        return {}
+    hashes_df = (
+        lake.read_table(spark, root, lake.SUPPRESSION)
+        .filter(F.col("added_at") >= F.lit(since - _CLOCK_SLACK))
+        .select("id_hash")
+    )
+    hashes = [r.id_hash for r in hashes_df.collect()]
+    if not hashes:
+        return {}
+    key = audit_key(require_key(cfg))
+    hashes_df = spark.createDataFrame([(h,) for h in hashes], "id_hash string")
+    tables = [t for t in erasure_order() if lake.table_exists(spark, root, t)]
+    keys: set[str] = set()
+    for table in tables:
+        for column, kind in table.identifiers.items():
+            if kind not in ("user_id", "anonymous_id", "user_key"):
+                continue
+            values_df = (
+                lake.read_table(spark, root, table)
+                .select(F.col(column).alias("value"))
+                .distinct()
+                .withColumn("bare", F.regexp_replace("value", "^anon:", ""))
+            )
+            found = values_df.join(
+                F.broadcast(hashes_df), keyed_hash(F.col("bare"), key) == F.col("id_hash"), "semi"
+            )
+            for row in found.collect():
+                keys |= {row.value, row.bare, f"anon:{row.bare}"}
+    if not keys:
+        return {}
+    store = open_store(cfg)
+    try:
+        store.forget(keys, keys)
+    finally:
+        store.close()
+    source_df = spark.createDataFrame(
+        [(sorted(keys), id_pattern(keys))], "keys array<string>, pattern string"
+    )
+    removed = {}
+    for table in tables:
+        progress.step(f"erasing people erased meanwhile from {table.name}")
+        removed[table.name] = _erase_table(spark, root, table, source_df)
+        if removed[table.name]:
+            vacuum(spark, root, table, cfg.privacy.erasure_retention)
+    return removed
+
+
+@contextmanager
+def erasures_respected(spark: SparkSession, cfg: Config) -> Iterator[None]:
+    """Around a job that writes rows of people: when it succeeds, settle_erasures for the
+    requests that began while it ran (no key, no forget: nothing to settle)."""
+    started = utc_now()
+    yield
+    if cfg.privacy.key() is not None:
+        settle_erasures(spark, cfg, started)
+
+
+@contextmanager
+def recorded_job(
+    spark: SparkSession, cfg: Config, *, job: str, as_of: datetime | None = None
+) -> Iterator[RunRecord]:
+    """runs.recorded for a job that writes rows of people, with erasures_respected inside
+    (what it erases again counts as the run's writes; a failure to, as the run's failure)."""
+    with recorded(spark, cfg, job=job, as_of=as_of) as run, erasures_respected(spark, cfg):
+        yield run
 
 
 def record_erasure(

@@ -29,6 +29,7 @@ from pyspark.sql import SparkSession
 from microseg.core import lake, progress
 from microseg.core.clock import utc_now
 from microseg.core.config import Config
+from microseg.core.failpoints import durable
 from microseg.ops.forget import protect_table, vacuum
 
 _ATTEMPTS = 3
@@ -63,13 +64,15 @@ class MaintainReport:
     tables: list[TableUpkeep] = field(default_factory=list)
 
 
-def _committed(spark: SparkSession, path: str, step, metric: str) -> int:
+def _committed(spark: SparkSession, root: str, table: lake.Table, step, metric: str) -> int:
     """Run `step` (with retries); `metric` of the commit it made, 0 if it made none."""
+    path = lake.table_path(root, table)
     before = DeltaTable.forPath(spark, path).history(1).first()["version"]
     _with_retries(step)
     last = DeltaTable.forPath(spark, path).history(1).first()
     if last["version"] == before:
         return 0
+    durable(f"{table.name} {last['operation']}")
     return int((last["operationMetrics"] or {}).get(metric) or 0)
 
 
@@ -115,6 +118,7 @@ def run_maintain(
                 f"'interval {int(retention.total_seconds())} seconds', "
                 f"'delta.checkpointInterval' = '{settings.checkpoint_interval}')"
             )
+            durable(f"{table.name} settings")
             column = RETENTION_COLUMNS.get(table.name)
             if cutoff is not None and column is not None:
                 progress.step(f"{table.name}: deleting rows older than {cutoff:%Y-%m-%d}")
@@ -124,19 +128,22 @@ def run_maintain(
                 condition = f"{column} < {literal}"
                 upkeep.rows_expired = _committed(
                     spark,
-                    path,
+                    root,
+                    table,
                     lambda p=path, c=condition: DeltaTable.forPath(spark, p).delete(c),
                     "numDeletedRows",
                 )
             progress.step(f"{table.name}: OPTIMIZE")
             upkeep.files_compacted = _committed(
                 spark,
-                path,
+                root,
+                table,
                 lambda p=path: spark.sql(f"OPTIMIZE delta.`{p}`").collect(),
                 "numRemovedFiles",
             )
             progress.step(f"{table.name}: VACUUM")
             upkeep.files_vacuumed = vacuum(spark, root, table, retention)
+            durable(f"{table.name} VACUUM")
         except Exception as exc:  # noqa: BLE001 - one table's failure does not stop the rest
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             upkeep.problem = f"{type(exc).__name__}: {text[:300]}"

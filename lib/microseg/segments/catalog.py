@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.clock import utc_now
+from microseg.core.failpoints import durable
 from microseg.segments.membership import Scope, SegmentStats
 
 # a row whose values in these columns are unchanged keeps its first run_id
@@ -114,6 +115,7 @@ def write_catalog(
         .whenNotMatchedInsertAll()
         .execute()
     )
+    durable(lake.SEGMENT_CATALOG.name)
 
 
 def catalog_history(spark: SparkSession, root: str, segment_id: str) -> DataFrame | None:

@@ -30,6 +30,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.failpoints import durable
 
 REASONS = (
     "rule_matched",
@@ -293,6 +294,7 @@ def merge_intervals(
         )
         .execute()
     )
+    durable(lake.SEGMENT_MEMBERSHIP.name)
 
 
 def scope_history(spark: SparkSession, root: str, scope: Scope) -> DataFrame:

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.config import Config
+from microseg.core.failpoints import durable
 from microseg.core.online_store import Member, OnlineStore, open_store
 from microseg.segments.membership import Scope, scope_history
 
@@ -67,6 +68,7 @@ def sync_scope(spark: SparkSession, root: str, scope: Scope, store: OnlineStore)
     upserts = [m for pair, m in wanted.items() if have.get(pair) != m]
     removes = [pair for pair in have if pair not in wanted]
     store.apply_batch(writer, version, upserts, removes, source=scope.source, scope=scope.name)
+    durable(f"store {writer}")
     return SyncStats(len(upserts), len(removes), False)
 
 
@@ -81,6 +83,7 @@ def sync_aliases(spark: SparkSession, root: str, store: OnlineStore) -> int | No
     rows = lake.read_table(spark, root, lake.IDENTITY_MAP).select("anonymous_id", "user_key")
     aliases = {r.anonymous_id: r.user_key for r in rows.toLocalIterator()}
     store.set_aliases(ALIASES_WRITER, version, aliases)
+    durable("store aliases")
     return len(aliases)
 
 

@@ -19,6 +19,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from microseg.core import lake
+from microseg.core.failpoints import durable
 from microseg.silver.keys import raw_key
 
 
@@ -121,5 +122,6 @@ def refresh_user_days(
             .whenNotMatchedInsert(values=columns)
             .execute()
         )
+        durable(lake.USER_DAYS.name)
     finally:
         touched_df.unpersist()

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake, progress
 from microseg.core.config import Config
+from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.silver import rollups
 from microseg.silver.consent import consent_history
@@ -562,6 +563,7 @@ def _incremental(
             )
             .execute()
         )
+        durable(lake.SESSIONS.name)
         changes_df.unpersist()
     finally:
         ranges_df.unpersist()

@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake
 from microseg.core.clock import naive_utc
 from microseg.core.config import Config
+from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.features.user_features import select_features
@@ -129,6 +130,7 @@ def train_clusters(
     version = registry.new_version(trained_at)
     path = lake.model_path(root, settings.model_name, version)
     fitted.model.write().overwrite().save(path)
+    durable(f"model {settings.model_name}")
     run_id = run_id or new_run_id()
     seconds = round(time.monotonic() - started, 3)
     metrics = {"k": float(fitted.k), "wcss": fitted.wcss, "users": float(fitted.users)}

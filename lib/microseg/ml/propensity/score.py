@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake
 from microseg.core.clock import naive_utc
 from microseg.core.config import Config, PropensityConfig
+from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.ml import registry
@@ -106,6 +107,7 @@ def score_propensity(
         )
         .save(lake.table_path(root, lake.PROPENSITY_SCORES))
     )
+    durable(lake.PROPENSITY_SCORES.name)
 
     segment = segment_id(target, cfg.propensity.top_share)
     top = math.ceil(cfg.propensity.top_share * users)

@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from microseg.core import lake
 from microseg.core.clock import naive_utc
 from microseg.core.config import Config, PropensityConfig
+from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
@@ -291,6 +292,7 @@ def train_propensity(
     version = registry.new_version()
     path = lake.model_path(root, target, version)
     model.write().save(path)
+    durable(f"model {target}")
     metrics = {name: scorer.metrics for name, scorer in scorers.items()}
     beats, verdict = compare_to_baselines(metrics)
     gbt_model = best.stages[-1]
