@@ -145,3 +145,66 @@ def test_features_leave_out_analytics_denied_and_marketing_segments_need_consent
     users, segments_at = members(at(45))
     assert users == ["u2", "u3", "u4"]
     assert segments_at == {"visitors": ["u2", "u3", "u4"], "visitors_email": ["u2"]}
+
+
+STREAM_CATALOG = """\
+segments:
+  - id: promo_ready
+    name: Promo-ready
+    tags: [promo]
+    conditions:
+      - {feature: orders_lifetime, gte: 0}
+  - id: everyone
+    name: Everyone
+    conditions:
+      - {feature: orders_lifetime, gte: 0}
+"""
+
+
+def test_the_stream_gates_marketing_segments_by_consent_at_each_point(spark, tmp_path):
+    """A stream's point is an event's time and counts that event: a signal at the point
+    counts (the batch counts signals strictly before its as-of)."""
+    from microseg.segments.parse import load_segments
+    from microseg.silver.consent import consent_at_points
+    from microseg.streaming.sink import member_flags, stream_sink
+
+    path = tmp_path / "segments.yaml"
+    path.write_text(STREAM_CATALOG)
+    cfg = make_config(
+        tmp_path, f"segments.file={path}", "privacy.consent.marketing_tags=[promo, vip]"
+    )
+    catalog = load_segments(cfg)
+    sink = stream_sink(spark, cfg, catalog, ["promo_ready", "everyone"])
+    sink.close()
+    assert sink.marketing == {"promo_ready"}
+    assert sink.marketing_unknown_granted is False
+
+    points = [
+        ("u1", at(10) - US),  # before u1's grant at minute 10: no signal yet
+        ("u1", at(10)),  # the grant's own event
+        ("u2", at(5)),  # a1 (u2) denies at 5
+        ("u2", at(40) - US),
+        ("u2", at(40)),  # u2 grants at 40
+        ("u3", at(50)),  # never a marketing signal
+    ]
+    frame_df = spark.createDataFrame(points, "user_key string, as_of timestamp").withColumn(
+        "orders_lifetime", F.lit(1.0)
+    )
+    gated = consent_at_points(frame_df, history(spark), "marketing", default=False)
+    flags = {
+        (r.user_key, r.as_of, r.segment_id): r.member
+        for r in member_flags(catalog, ["promo_ready", "everyone"], gated, sink.marketing).collect()
+    }
+    assert {(u, t): flags[(u, t, "promo_ready")] for u, t in points} == {
+        ("u1", at(10) - US): False,
+        ("u1", at(10)): True,
+        ("u2", at(5)): False,
+        ("u2", at(40) - US): False,
+        ("u2", at(40)): True,
+        ("u3", at(50)): False,
+    }
+    assert all(flags[(u, t, "everyone")] for u, t in points)  # not a marketing segment
+    # no silver/consent yet: every point takes the default
+    assert {
+        r.consent_ok for r in consent_at_points(frame_df, None, "marketing", True).collect()
+    } == {True}

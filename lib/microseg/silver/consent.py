@@ -77,6 +77,30 @@ def consented(
     return joined_df.filter(F.coalesce(F.col("_granted"), F.lit(default))).drop("_granted")
 
 
+def consent_at_points(
+    points_df: DataFrame, history_df: DataFrame | None, purpose: str, default: bool
+) -> DataFrame:
+    """points_df (user_key, as_of: one row per user and point in time) with `consent_ok`:
+    whether the user's `purpose` consent holds at the row's as_of, from their last signal at
+    or before it; `default` for users without one. A stream's point is an event's time and
+    counts that event, so a signal on it counts too (a batch as-of counts events strictly
+    before it: consent_at)."""
+    if history_df is None:
+        return points_df.withColumn("consent_ok", F.lit(default))
+    state_df = history_df.filter(F.col("purpose") == purpose).select(
+        F.col("user_key").alias("_user"), "granted", "valid_from", "valid_to"
+    )
+    keys = points_df.columns
+    joined_df = points_df.join(
+        state_df,
+        (F.col("user_key") == F.col("_user"))
+        & (F.col("valid_from") <= F.col("as_of"))
+        & (F.col("valid_to").isNull() | (F.col("valid_to") > F.col("as_of"))),
+        "left",
+    )
+    return joined_df.select(*keys, F.coalesce(F.col("granted"), F.lit(default)).alias("consent_ok"))
+
+
 def read_history(spark, root: str) -> DataFrame | None:
     """silver/consent, or None before the first sessionize."""
     from microseg.core import lake

@@ -27,6 +27,7 @@ from microseg.segments.model import (
     SegmentCatalog,
 )
 from microseg.segments.parse import available_features
+from microseg.silver.consent import consent_at_points
 from microseg.streaming.state import FactPlan, fact_plan
 
 SOURCE = "stream"  # gold/segment_membership.source of the stream's rows
@@ -55,12 +56,16 @@ class StreamSink:
     run_id: str  # the ops/runs row of the stream run: every row it writes carries it
     store: OnlineStore
     features: dict[str, str] = field(default_factory=dict)  # name -> kind, rules may use
+    # marketing segments (privacy.consent.marketing_tags) and whether no signal is consent
+    marketing: frozenset[str] = frozenset()
+    marketing_unknown_granted: bool = False
     stats: BatchStats = field(default_factory=BatchStats)
     # called after a micro-batch with changes is written: (batch id, {(segment, change): n})
     on_changes: Callable[[int, dict[tuple[str, str], int]], None] | None = None
     # the store's batch marker and Delta's txnAppId: set per checkpoint (streaming.checkpoint)
     writer: str = "stream"
     _snapshot: tuple[int | None, DataFrame | None] | None = None
+    _consent: tuple[int | None, DataFrame | None] | None = None
 
     @property
     def versions(self) -> dict[str, str]:
@@ -76,10 +81,21 @@ class StreamSink:
             self._snapshot = (version, None if df is None else df.persist())
         return self._snapshot[1]
 
+    def consent_history(self, spark: SparkSession) -> DataFrame | None:
+        """silver/consent, cached until it gets a new version (sessionize writes it)."""
+        version = lake.table_version(spark, self.root, lake.CONSENT)
+        if self._consent is None or self._consent[0] != version:
+            if self._consent is not None and self._consent[1] is not None:
+                self._consent[1].unpersist()
+            df = None if version is None else lake.read_table(spark, self.root, lake.CONSENT)
+            self._consent = (version, None if df is None else df.persist())
+        return self._consent[1]
+
     def close(self) -> None:
-        if self._snapshot is not None and self._snapshot[1] is not None:
-            self._snapshot[1].unpersist()
-        self._snapshot = None
+        for cached in (self._snapshot, self._consent):
+            if cached is not None and cached[1] is not None:
+                cached[1].unpersist()
+        self._snapshot = self._consent = None
         self.store.close()
 
 
@@ -95,6 +111,7 @@ def stream_sink(
     rows carry `run_id` (default a new one)."""
     for table in (lake.SEGMENT_MEMBERSHIP, lake.SEGMENT_CHANGES):
         lake.ensure_table(spark, cfg.lake.root, table)
+    tags = set(cfg.privacy.consent.marketing_tags)
     return StreamSink(
         root=cfg.lake.root,
         catalog=catalog,
@@ -104,15 +121,26 @@ def stream_sink(
         run_id=run_id or new_run_id(),
         store=open_store(cfg),
         features=available_features(cfg),
+        marketing=frozenset(s for s in segment_ids if tags & set(catalog[s].tags or ())),
+        marketing_unknown_granted=cfg.privacy.consent.marketing_unknown == "granted",
     )
 
 
-def member_flags(catalog: SegmentCatalog, segment_ids: list[str], frame_df: DataFrame) -> DataFrame:
-    """user_key, as_of, segment_id, matched (the rule holds), member (matched and not outranked
-    in its exclusive group among the streamed segments): one row per point and segment."""
-    matched = {
-        sid: segment_condition(catalog, sid, F.col("as_of")).alias(sid) for sid in segment_ids
-    }
+def member_flags(
+    catalog: SegmentCatalog,
+    segment_ids: list[str],
+    frame_df: DataFrame,
+    gated: frozenset[str] = frozenset(),
+) -> DataFrame:
+    """user_key, as_of, segment_id, matched (the rule holds and, for a `gated` segment, the
+    frame's consent_ok), member (matched and not outranked in its exclusive group among the
+    streamed segments): one row per point and segment."""
+    matched = {}
+    for sid in segment_ids:
+        condition = segment_condition(catalog, sid, F.col("as_of"))
+        if sid in gated:  # as the batch run: a user without consent does not match
+            condition = condition & F.col("consent_ok")
+        matched[sid] = condition.alias(sid)
     flags_df = frame_df.select("user_key", "as_of", *matched.values())
     winners = exclusive_winners([catalog[sid] for sid in segment_ids], lambda sid: sid)
     entries = []
@@ -273,7 +301,11 @@ def write_batch(batch_df: DataFrame, batch_id: int, *, sink: StreamSink) -> None
         batch_df.write.format("noop").mode("overwrite").save()
         return
     frame_df = points_frame(batch_df, sink.plan, sink.features_snapshot(spark), sink.features)
-    flags_df = member_flags(sink.catalog, sink.segment_ids, frame_df)
+    if sink.marketing:
+        frame_df = consent_at_points(
+            frame_df, sink.consent_history(spark), "marketing", sink.marketing_unknown_granted
+        )
+    flags_df = member_flags(sink.catalog, sink.segment_ids, frame_df, sink.marketing)
     flags = [
         (r.user_key, r.segment_id, r.t, bool(r.matched), bool(r.member))
         for r in flags_df.select("*", F.unix_micros("as_of").alias("t")).collect()
