@@ -70,7 +70,11 @@ VOLATILE = {
     "added_at",
     "request_id",
     "training_seconds",
+    "features_computed",  # which snapshots this run had to compute itself
 }
+# a kill after a training's last step (its registry row) is a finished training: training
+# again adds a version, by design
+FINISHED_AT_LAST_STEP = {"cluster train", "propensity train"}
 
 JOBS = {
     "sessionize": lambda spark, cfg: run_sessionize(spark, cfg),
@@ -101,6 +105,11 @@ def _plain(value):
         return [_plain(v) for v in value]
     if isinstance(value, float):
         return round(value, 9)
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return _plain(json.loads(value))  # details: JSON text
+        except ValueError:
+            return value
     return value
 
 
@@ -122,7 +131,8 @@ def digest(spark, root: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def chain(spark, tmp_path_factory):
-    """The lake before each job, the digest after it and the job's kill points."""
+    """stage(job): the lake before the job, the digest after it and the job's kill points;
+    the jobs run in order, each once, as far as the tests ask."""
     base = tmp_path_factory.mktemp("crashes")
     cfg = make_config(base, *SETTINGS)
     generate(
@@ -138,14 +148,22 @@ def chain(spark, tmp_path_factory):
     )
     run_ingest(spark, cfg, source="synthetic", path=str(base / "data" / "events"))
     root = Path(cfg.lake.root)
-    stages = {}
-    for name, job in JOBS.items():
-        before = base / "before" / name
-        shutil.copytree(root, before)
-        with crash_at() as steps:
-            job(spark, cfg)
-        stages[name] = {"before": before, "after": digest(spark, root), "steps": list(steps)}
-    return stages
+    stages: dict[str, dict] = {}
+
+    def stage(wanted: str) -> dict:
+        for name, job in JOBS.items():
+            if name not in stages:
+                before = base / "before" / name
+                shutil.copytree(root, before)
+                with crash_at() as steps:
+                    job(spark, cfg)
+                after = digest(spark, root)
+                stages[name] = {"before": before, "after": after, "steps": list(steps)}
+            if name == wanted:
+                return stages[name]
+        raise KeyError(wanted)
+
+    return stage
 
 
 def points(count: int, most: int = 8) -> list[int]:
@@ -163,10 +181,11 @@ def test_points_spread_evenly():
 
 @pytest.mark.parametrize("job", list(JOBS))
 def test_killed_at_each_point_then_rerun_equals_one_run(spark, chain, tmp_path, job):
-    stage = chain[job]
+    stage = chain(job)
     steps = stage["steps"]
     assert steps, f"{job} made no durable step"
-    for point in points(len(steps)):
+    last = len(steps) - (job in FINISHED_AT_LAST_STEP)
+    for point in points(last):
         folder = tmp_path / str(point)
         shutil.copytree(stage["before"], folder / "lake")
         cfg = make_config(folder, *SETTINGS)
