@@ -553,6 +553,77 @@ def _forget(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if verification is None or verification.clean else 1
 
 
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=("assign", "analyze", "size", "validate"),
+        help="assign: give members of each active experiment's segment a variant as of "
+        "--as-of; analyze: exposures, lift, tests and SRM as of --as-of (bandits: new "
+        "weights); size: users per variant to detect --mde at --baseline; validate: check "
+        "the experiment file",
+    )
+    parser.add_argument("--as-of", type=_as_of, help="point in time (assign, analyze)")
+    parser.add_argument("--experiment", help="analyze only this experiment id")
+    parser.add_argument("--file", help="experiment file (default: experiments.file)")
+    parser.add_argument("--baseline", type=float, help="size: control conversion rate, e.g. 0.1")
+    parser.add_argument(
+        "--mde", type=float, help="size: relative change to detect, e.g. 0.1 for +10%%"
+    )
+    parser.add_argument("--alpha", type=float, default=0.05, help="size: significance level")
+    parser.add_argument("--power", type=float, default=0.8, help="size: power")
+
+
+def _experiment(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.serving import console as report
+
+    if args.action == "size":
+        from microseg.experiments.stats import sample_size_per_variant
+
+        if args.baseline is None or args.mde is None:
+            raise ConfigError("experiment size needs --baseline RATE and --mde CHANGE")
+        try:
+            n = sample_size_per_variant(args.baseline, args.mde, alpha=args.alpha, power=args.power)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        report.print_sample_size(args.baseline, args.mde, args.alpha, args.power, n)
+        return 0
+    from microseg.experiments.model import load_experiments
+
+    experiments = load_experiments(cfg, args.file)
+    if args.action == "validate":
+        for e in experiments.experiments:
+            print(f"{e.id}: segment {e.segment}, variants {', '.join(e.variants)}, {e.allocation}")
+        return 0
+    if args.as_of is None:
+        raise ConfigError(f"experiment {args.action} needs --as-of TIME")
+    if args.experiment:
+        experiments[args.experiment]  # an unknown id is a usage error before Spark starts
+    from microseg.ops.forget import recorded_job
+
+    spark = _spark(cfg, args, f"experiment-{args.action}", f"{args.action} experiments")
+    with recorded_job(spark, cfg, job=f"experiment {args.action}", as_of=args.as_of) as run:
+        if args.action == "assign":
+            from microseg.experiments.assign import run_assign
+
+            result = run_assign(spark, cfg, as_of=args.as_of, run_id=run.run_id, path=args.file)
+        else:
+            from microseg.experiments.analyze import run_analyze
+
+            result = run_analyze(
+                spark,
+                cfg,
+                as_of=args.as_of,
+                run_id=run.run_id,
+                path=args.file,
+                experiment_id=args.experiment,
+            )
+    if args.action == "assign":
+        report.print_experiment_assign(result)
+    else:
+        report.print_experiment_results(result)
+    return 0
+
+
 def _maintain(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
     from microseg.ops.maintain import run_maintain
@@ -615,6 +686,12 @@ COMMANDS: dict[str, Command] = {
             "GBT propensity models: train --target X --as-of T, score --target X --as-of T",
             _propensity_arguments,
             _propensity,
+        ),
+        Command(
+            "experiment",
+            "A/B tests and bandits on segments: assign, analyze --as-of T; size; validate",
+            _experiment_arguments,
+            _experiment,
         ),
         Command(
             "pipeline",

@@ -137,6 +137,12 @@ class SegmentsConfig(Strict):
     file: str = Field("conf/segments.yaml", description="The segment rules (see README).")
 
 
+class ExperimentsConfig(Strict):
+    file: str = Field(
+        "conf/experiments.yaml", description="The experiments (see README, Experiments)."
+    )
+
+
 class ClusterConfig(Strict):
     """Settings of `microseg cluster` (owned by lib/microseg/clustering.py).
 
@@ -469,6 +475,7 @@ class Config(Strict):
     sessions: SessionsConfig = SessionsConfig()
     features: FeaturesConfig = FeaturesConfig()
     segments: SegmentsConfig = SegmentsConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()

@@ -227,6 +227,29 @@ PROPENSITY_SCORES = Table(
     identifiers={"user_key": "user_key"},
 )
 
+EXPERIMENT_ASSIGNMENTS = Table(
+    "gold/experiment_assignments",
+    schemas.EXPERIMENT_ASSIGNMENTS,
+    comment="Insert-once variant per experiment and user (GrowthBook-compatible hashing).",
+    identifiers={"user_key": "user_key"},
+)
+EXPOSURES = Table(
+    "gold/exposures",
+    schemas.EXPOSURES,
+    comment="Insert-once first exposure per experiment and assigned user.",
+    identifiers={"user_key": "user_key"},
+)
+EXPERIMENT_RESULTS = Table(
+    "gold/experiment_results",
+    schemas.EXPERIMENT_RESULTS,
+    comment="Per analysis run, experiment and variant: conversion, revenue, lift, tests, SRM.",
+)
+EXPERIMENT_ALLOCATIONS = Table(
+    "gold/experiment_allocations",
+    schemas.EXPERIMENT_ALLOCATIONS,
+    comment="Thompson-sampling allocation weights per experiment, versioned.",
+)
+
 RUNS = Table(
     "ops/runs",
     schemas.RUNS,
@@ -265,6 +288,10 @@ ALL_TABLES = (
     SEGMENT_CATALOG,
     MODEL_REGISTRY,
     PROPENSITY_SCORES,
+    EXPERIMENT_ASSIGNMENTS,
+    EXPOSURES,
+    EXPERIMENT_RESULTS,
+    EXPERIMENT_ALLOCATIONS,
     WATERMARKS,
     RUNS,
     ERASURES,

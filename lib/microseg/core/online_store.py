@@ -52,6 +52,16 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One experiment assignment (insert-once: a user keeps the first variant)."""
+
+    user_key: str
+    experiment_id: str
+    variant: str
+    assigned_at: int  # microseconds since the epoch
+
+
+@dataclass(frozen=True)
 class Marker:
     batch: int
     payload: str | None
@@ -105,6 +115,13 @@ class OnlineStore(Protocol):
         ...
 
     def streamed(self) -> set[str]: ...
+
+    def add_variants(self, writer: str, batch: int, variants: Iterable[Variant]) -> bool:
+        """Add the assignments a user does not have yet (an existing one is kept), and set
+        the writer's marker to `batch`, atomically (as apply_batch)."""
+        ...
+
+    def user_variants(self, user_key: str) -> list[Variant]: ...
 
     def reset_scope(self, source: str, scope: str, segment_ids: list[str], writer: str) -> None:
         """Remove the scope's members and the writer's marker; for the stream, record
@@ -172,6 +189,11 @@ CREATE TABLE IF NOT EXISTS aliases (
     anonymous_id TEXT PRIMARY KEY, user_key TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streamed (segment_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS variants (
+    user_key TEXT NOT NULL, experiment_id TEXT NOT NULL, variant TEXT NOT NULL,
+    assigned_at INTEGER NOT NULL,
+    PRIMARY KEY (user_key, experiment_id)
+) WITHOUT ROWID;
 """
 
 
@@ -229,6 +251,9 @@ class SqliteStore:
                 ).rowcount
                 removed += db.execute(
                     f"DELETE FROM aliases WHERE user_key IN ({marks})", chunk
+                ).rowcount
+                removed += db.execute(
+                    f"DELETE FROM variants WHERE user_key IN ({marks})", chunk
                 ).rowcount
             for i in range(0, len(anons), 500):
                 chunk = anons[i : i + 500]
@@ -366,6 +391,30 @@ class SqliteStore:
     def streamed(self):
         return {r[0] for r in self._db().execute("SELECT segment_id FROM streamed")}
 
+    def add_variants(self, writer, batch, variants):
+        db = self._begin()
+        try:
+            if not self._claim(db, writer, batch, None):
+                db.execute("ROLLBACK")
+                return False
+            db.executemany(
+                "INSERT OR IGNORE INTO variants VALUES (?, ?, ?, ?)",
+                ((v.user_key, v.experiment_id, v.variant, v.assigned_at) for v in variants),
+            )
+            db.execute("COMMIT")
+            return True
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def user_variants(self, user_key):
+        rows = self._db().execute(
+            "SELECT experiment_id, variant, assigned_at FROM variants WHERE user_key = ? "
+            "ORDER BY experiment_id",
+            (user_key,),
+        )
+        return [Variant(user_key, e, v, a) for e, v, a in rows]
+
     def reset_scope(self, source, scope, segment_ids, writer):
         db = self._begin()
         try:
@@ -464,6 +513,29 @@ class RedisStore:
             return queued
 
         return self._transaction(writer, batch, write)
+
+    def add_variants(self, writer, batch, variants):
+        def write(pipe):
+            def queued(p):
+                for v in variants:
+                    p.hsetnx(
+                        self._k("v", v.user_key),
+                        v.experiment_id,
+                        json.dumps([v.variant, v.assigned_at]),
+                    )
+                p.hset(self._k("b", writer), mapping={"batch": batch})
+
+            return queued
+
+        return self._transaction(writer, batch, write)
+
+    def user_variants(self, user_key):
+        rows = self._r.hgetall(self._k("v", user_key))
+        out = []
+        for experiment_id, value in rows.items():
+            variant, assigned_at = json.loads(value)
+            out.append(Variant(user_key, experiment_id, variant, assigned_at))
+        return sorted(out, key=lambda v: v.experiment_id)
 
     def scope_members(self, source, scope, user_keys=None):
         out: dict[tuple[str, str], Member] = {}
@@ -568,6 +640,9 @@ class RedisStore:
         per_user = 1 + len(scope_sets)  # the user's hash, then one SREM per segment set
         for i in range(len(user_keys)):
             removed += sum(int(r) for r in results[i * per_user + 1 : (i + 1) * per_user])
+        variant_keys = [self._k("v", user_key) for user_key in sorted(user_keys)]
+        if variant_keys:
+            removed += int(self._r.delete(*variant_keys))
         return removed + len(stale_aliases)
 
     def ping(self):

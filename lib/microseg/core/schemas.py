@@ -423,3 +423,90 @@ SUPPRESSION = T.StructType(
         _field("added_at", TIMESTAMP, False, "When"),
     ]
 )
+
+# gold/experiment_assignments: insert-once, one row per experiment and user.
+EXPERIMENT_ASSIGNMENTS = T.StructType(
+    [
+        _field("experiment_id", STRING, False, "Experiment id (conf/experiments.yaml)"),
+        _field("user_key", STRING, False, "User key: the value hashed (GrowthBook's hash value)"),
+        _field("variant", STRING, False, "Variant name, or `holdout`"),
+        _field("variant_index", INT, False, "Index in the experiment's variants; -1: holdout"),
+        _field("bucket", DOUBLE, False, "GrowthBook hash of the user key with the seed, [0, 1)"),
+        _field(
+            "weights",
+            T.ArrayType(DOUBLE, False),
+            False,
+            "Variant weights the user was assigned under (fixed, or the bandit's version)",
+        ),
+        _field("allocation_version", INT, False, "0: fixed weights; n: the bandit's version n"),
+        _field("segment_id", STRING, False, "Target segment the user was a member of"),
+        _field("definition_version", STRING, False, "Hash of the assignment settings"),
+        _field("assigned_at", TIMESTAMP, False, "as-of time of the run that assigned"),
+        _field("run_id", STRING, False, "Run that assigned"),
+    ]
+)
+
+# gold/exposures: insert-once, the first session of an assigned user after assignment.
+EXPOSURES = T.StructType(
+    [
+        _field("experiment_id", STRING, False, "Experiment id"),
+        _field("user_key", STRING, False, "User key"),
+        _field("variant", STRING, False, "Assigned variant"),
+        _field("exposed_at", TIMESTAMP, False, "Start of the first session at or after assignment"),
+        _field("session_id", STRING, False, "That session (silver/sessions)"),
+        _field("run_id", STRING, False, "Run that recorded it"),
+    ]
+)
+
+# gold/experiment_results: one row per analysis run, experiment and variant.
+EXPERIMENT_RESULTS = T.StructType(
+    [
+        _field("experiment_id", STRING, False, "Experiment id"),
+        _field("as_of", TIMESTAMP, False, "Outcomes counted up to this time"),
+        _field("variant", STRING, False, "Variant (or holdout)"),
+        _field("is_control", BOOLEAN, False, "The first variant"),
+        _field("assigned", LONG, False, "Users assigned"),
+        _field("expected_share", DOUBLE, True, "Share of assigned users the weights expect"),
+        _field("exposed", LONG, False, "Users exposed (the analysis population)"),
+        _field("conversions", LONG, False, "Exposed users with a purchase in their window"),
+        _field("conversion_rate", DOUBLE, True, "conversions / exposed"),
+        _field("revenue_per_user", DOUBLE, True, "Mean revenue per exposed user in the window"),
+        _field("lift", DOUBLE, True, "Relative lift of the conversion rate over control"),
+        _field("lift_ci_low", DOUBLE, True, "Lower bound of lift's CI (delta method)"),
+        _field("lift_ci_high", DOUBLE, True, "Upper bound of lift's CI"),
+        _field("diff", DOUBLE, True, "Conversion rate minus control's"),
+        _field("diff_ci_low", DOUBLE, True, "Lower bound of diff's CI (unpooled)"),
+        _field("diff_ci_high", DOUBLE, True, "Upper bound of diff's CI"),
+        _field("z", DOUBLE, True, "Two-proportion z statistic vs control (pooled)"),
+        _field("p_value", DOUBLE, True, "Its two-sided p-value"),
+        _field("revenue_diff", DOUBLE, True, "Revenue per user minus control's"),
+        _field("revenue_p_value", DOUBLE, True, "Welch's t-test p-value of revenue per user"),
+        _field("cuped_revenue_diff", DOUBLE, True, "revenue_diff adjusted by CUPED"),
+        _field("cuped_revenue_ci_low", DOUBLE, True, "Lower bound of its CI"),
+        _field("cuped_revenue_ci_high", DOUBLE, True, "Upper bound of its CI"),
+        _field("cuped_revenue_p_value", DOUBLE, True, "Welch's p-value after CUPED"),
+        _field("cuped_variance_reduction", DOUBLE, True, "1 - adjusted / raw variance"),
+        _field("chi2_p_value", DOUBLE, True, "Chi-square test of conversion x variant (all)"),
+        _field("srm_p_value", DOUBLE, True, "Chi-square goodness of fit of assigned counts"),
+        _field("srm_flag", BOOLEAN, False, "srm_p_value below metrics.srm_threshold"),
+        _field("run_id", STRING, False, "Run that analyzed"),
+        _field("analyzed_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)
+
+# gold/experiment_allocations: the bandit's versioned weights, one row per version and variant.
+EXPERIMENT_ALLOCATIONS = T.StructType(
+    [
+        _field("experiment_id", STRING, False, "Experiment id"),
+        _field("version", INT, False, "1, 2, ...: new assignments use the latest"),
+        _field("as_of", TIMESTAMP, False, "Outcomes counted up to this time"),
+        _field("variant", STRING, False, "Variant"),
+        _field("weight", DOUBLE, False, "Allocation weight (P(best) with the floor applied)"),
+        _field("p_best", DOUBLE, False, "Posterior probability that the variant is best"),
+        _field("exposed", LONG, False, "Exposed users counted"),
+        _field("conversions", LONG, False, "Of them converted"),
+        _field("alpha", DOUBLE, False, "Beta posterior: 1 + conversions"),
+        _field("beta", DOUBLE, False, "Beta posterior: 1 + exposed - conversions"),
+        _field("run_id", STRING, False, "Run that computed it"),
+    ]
+)

@@ -79,6 +79,39 @@ class SegmentDetail(SegmentSummary):
     sizes: list[SizePoint] = Field(description="Size at each batch run, oldest first")
 
 
+class Assignment(BaseModel):
+    experiment_id: str
+    variant: str = Field(description="Variant name, or `holdout`")
+    assigned_at: datetime = Field(description="When the user was assigned (UTC); sticky")
+
+
+class UserExperiments(BaseModel):
+    id: str = Field(description="The id asked about")
+    user_key: str = Field(description="The key that answered (after identity stitching)")
+    experiments: list[Assignment]
+
+
+class VariantResult(BaseModel):
+    variant: str
+    assigned: int
+    exposed: int
+    conversion_rate: float | None
+    lift: float | None
+    lift_ci_low: float | None
+    lift_ci_high: float | None
+    p_value: float | None
+    revenue_per_user: float | None
+
+
+class ExperimentDetail(BaseModel):
+    experiment_id: str
+    allocation_version: int | None = Field(description="The bandit's latest version; null: fixed")
+    weights: dict[str, float] | None = Field(description="The bandit's latest weights")
+    analyzed_as_of: datetime | None = Field(description="as-of of the latest analysis")
+    srm_flag: bool | None = Field(description="Sample ratio mismatch at the latest analysis")
+    results: list[VariantResult] = Field(description="Per variant at the latest analysis")
+
+
 class Health(BaseModel):
     status: str
     store: str
@@ -333,6 +366,71 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
         if not found:
             raise HTTPException(status_code=404, detail=f"no segment '{segment_id}'")
         return found
+
+    @app.get(
+        "/users/{user_id}/experiments",
+        response_model=UserExperiments,
+        summary="The experiments and variants the user is in (sticky assignments)",
+    )
+    def user_experiments(user_id: Annotated[str, Path(min_length=1, max_length=512)]):
+        stitched = store.resolve(user_id)
+        candidates = [stitched] if stitched else [user_id]
+        if not stitched and not user_id.startswith(ANON_PREFIX):
+            candidates.append(f"{ANON_PREFIX}{user_id}")
+        user_key, variants = candidates[0], []
+        for key in candidates:
+            variants = store.user_variants(key)
+            if variants:
+                user_key = key
+                break
+        return UserExperiments(
+            id=user_id,
+            user_key=user_key,
+            experiments=[
+                Assignment(
+                    experiment_id=v.experiment_id,
+                    variant=v.variant,
+                    assigned_at=EPOCH + v.assigned_at * _US,
+                )
+                for v in variants
+            ],
+        )
+
+    def _rows(table: lake.Table, experiment_id: str) -> list[dict]:
+        dt = reader.table(table)
+        if dt is None:
+            return []
+        return (
+            dt.to_pyarrow_dataset()
+            .to_table(filter=pc.field("experiment_id") == experiment_id)
+            .to_pylist()
+        )
+
+    @app.get(
+        "/experiments/{experiment_id}",
+        response_model=ExperimentDetail,
+        summary="An experiment's latest analysis and (bandits) its current allocation weights",
+    )
+    def experiment(experiment_id: Annotated[str, Path(min_length=1, max_length=200)]):
+        results = _rows(lake.EXPERIMENT_RESULTS, experiment_id)
+        allocations = _rows(lake.EXPERIMENT_ALLOCATIONS, experiment_id)
+        if not results and not allocations:
+            raise HTTPException(status_code=404, detail=f"no analysis of '{experiment_id}' yet")
+        version = max((r["version"] for r in allocations), default=None)
+        weights = {r["variant"]: r["weight"] for r in allocations if r["version"] == version}
+        latest = max((r["as_of"] for r in results), default=None)
+        rows = sorted(
+            (r for r in results if r["as_of"] == latest),
+            key=lambda r: (not r["is_control"], r["variant"] == "holdout", r["variant"]),
+        )
+        return ExperimentDetail(
+            experiment_id=experiment_id,
+            allocation_version=version,
+            weights=weights or None,
+            analyzed_as_of=latest and _utc(latest),
+            srm_flag=rows[0]["srm_flag"] if rows else None,
+            results=[VariantResult(**{k: r[k] for k in VariantResult.model_fields}) for r in rows],
+        )
 
     app.state.store = store
     return app

@@ -442,3 +442,83 @@ def print_maintain_report(report, cfg) -> None:
             t.problem or "",
         )
     console.print(table)
+
+
+def print_experiment_assign(report) -> None:
+    console.print(
+        f"[bold]experiment assign[/bold] as of {report.as_of:%Y-%m-%d %H:%M} run={report.run_id}"
+    )
+    if not report.total:
+        console.print("no assignments: no experiment is active, or its segment has no members")
+    table = Table("experiment", "variant", "assigned now", "assigned in all")
+    for experiment_id in sorted(report.total):
+        for variant, total in sorted(report.total[experiment_id].items()):
+            added = report.added.get(experiment_id, {}).get(variant, 0)
+            table.add_row(experiment_id, variant, f"{added:,}", f"{total:,}")
+    if report.total:
+        console.print(table)
+    if report.inactive:
+        console.print(f"not active at this time: {', '.join(report.inactive)}")
+    console.print(f"online store: {report.store_synced:,} assignments sent")
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _p(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}" if value >= 0.0001 else f"{value:.1e}"
+
+
+def print_experiment_results(report) -> None:
+    console.print(
+        f"[bold]experiment analyze[/bold] as of {report.as_of:%Y-%m-%d %H:%M} "
+        f"run={report.run_id} new exposures={report.new_exposures:,}"
+    )
+    for result in report.results:
+        e = result.experiment
+        srm = "[red]MISMATCH[/red]" if result.srm_flag else "ok"
+        console.print(
+            f"\n[bold]{e.id}[/bold] (segment {e.segment}, {e.allocation}): sample ratio "
+            f"{srm} (p={_p(result.srm_p_value)}), chi-square p={_p(result.chi2_p_value)}"
+        )
+        table = Table(
+            "variant",
+            "assigned",
+            "exposed",
+            "conversion",
+            "lift (CI)",
+            "p",
+            "revenue/user",
+            "CUPED diff (CI)",
+            "CUPED p",
+        )
+        for v in result.variants:
+            lift = (
+                f"{_pct(v.z.lift, 1)} ({_pct(v.z.lift_ci[0], 1)}, {_pct(v.z.lift_ci[1], 1)})"
+                if v.z
+                else ("control" if v.is_control else "")
+            )
+            cu = v.cuped
+            table.add_row(
+                v.variant,
+                f"{v.assigned:,}",
+                f"{v.exposed:,}",
+                _pct(v.conversion_rate),
+                lift,
+                _p(v.z.p_value) if v.z else "",
+                "" if v.revenue_per_user is None else f"{v.revenue_per_user:,.2f}",
+                f"{cu.test.diff:+,.2f} ({cu.test.ci[0]:,.2f}, {cu.test.ci[1]:,.2f})" if cu else "",
+                _p(cu.test.p_value) if cu else "",
+            )
+        console.print(table)
+        if result.allocation:
+            weights = ", ".join(f"{k} {w:.3f}" for k, w in result.allocation.items())
+            console.print(f"bandit allocation v{result.allocation_version}: {weights}")
+
+
+def print_sample_size(baseline: float, mde: float, alpha: float, power: float, n: int) -> None:
+    console.print(
+        f"baseline {_pct(baseline)}, detect {_pct(mde, 1)} relative change "
+        f"(alpha {alpha}, power {power}): [bold]{n:,}[/bold] exposed users per variant"
+    )
