@@ -624,6 +624,36 @@ def _experiment(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _activate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--destination",
+        action="append",
+        dest="destinations",
+        help="only this destination id (repeatable; default: every destination)",
+    )
+    parser.add_argument("--file", help="destination file (default: destinations.file)")
+
+
+def _activate(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.activation.deliver import run_activate
+    from microseg.activation.model import load_destinations
+    from microseg.ops.forget import recorded_job
+    from microseg.serving.console import print_activate_report
+
+    load_destinations(cfg, args.file).chosen(args.destinations)  # config errors before Spark
+    spark = _spark(cfg, args, "activate", "reading segment changes")
+    with recorded_job(spark, cfg, job="activate") as run:
+        result = run_activate(
+            spark, cfg, run_id=run.run_id, destination_ids=args.destinations, path=args.file
+        )
+        failed = sum(d.failed for d in result.destinations)
+        if failed:
+            run.status = "failed"
+            run.error = f"{failed} change(s) not delivered (gold/deliveries status failed)"
+    print_activate_report(result)
+    return 1 if failed else 0
+
+
 def _maintain(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
     from microseg.ops.maintain import run_maintain
@@ -686,6 +716,12 @@ COMMANDS: dict[str, Command] = {
             "GBT propensity models: train --target X --as-of T, score --target X --as-of T",
             _propensity_arguments,
             _propensity,
+        ),
+        Command(
+            "activate",
+            "send segment changes to destinations (webhook, files) through the delivery ledger",
+            _activate_arguments,
+            _activate,
         ),
         Command(
             "experiment",

@@ -143,6 +143,12 @@ class ExperimentsConfig(Strict):
     )
 
 
+class DestinationsConfig(Strict):
+    file: str = Field(
+        "conf/destinations.yaml", description="Where segment changes go (see README, activate)."
+    )
+
+
 class ClusterConfig(Strict):
     """Settings of `microseg cluster` (owned by lib/microseg/clustering.py).
 
@@ -476,6 +482,7 @@ class Config(Strict):
     features: FeaturesConfig = FeaturesConfig()
     segments: SegmentsConfig = SegmentsConfig()
     experiments: ExperimentsConfig = ExperimentsConfig()
+    destinations: DestinationsConfig = DestinationsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()

@@ -250,6 +250,13 @@ EXPERIMENT_ALLOCATIONS = Table(
     comment="Thompson-sampling allocation weights per experiment, versioned.",
 )
 
+DELIVERIES = Table(
+    "gold/deliveries",
+    schemas.DELIVERIES,
+    comment="Delivery ledger: per destination and segment change, its batch and status.",
+    identifiers={"user_key": "user_key", "payload": "text"},
+)
+
 RUNS = Table(
     "ops/runs",
     schemas.RUNS,
@@ -292,6 +299,7 @@ ALL_TABLES = (
     EXPOSURES,
     EXPERIMENT_RESULTS,
     EXPERIMENT_ALLOCATIONS,
+    DELIVERIES,
     WATERMARKS,
     RUNS,
     ERASURES,

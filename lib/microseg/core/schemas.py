@@ -510,3 +510,29 @@ EXPERIMENT_ALLOCATIONS = T.StructType(
         _field("run_id", STRING, False, "Run that computed it"),
     ]
 )
+
+# gold/deliveries: the delivery ledger, one row per destination and change.
+DELIVERIES = T.StructType(
+    [
+        _field("destination_id", STRING, False, "Destination id (conf/destinations.yaml)"),
+        _field(
+            "idempotency_key",
+            STRING,
+            False,
+            "Hash of destination and change: the same on every run; receivers dedupe on it",
+        ),
+        _field("user_key", STRING, False, "User key of the change"),
+        _field("segment_id", STRING, False, "Segment of the change"),
+        _field("change", STRING, False, "enter or exit"),
+        _field("changed_at", TIMESTAMP, False, "as-of time of the run that saw the change"),
+        _field("batch_id", STRING, True, "The POST or file it goes in (Idempotency-Key header)"),
+        _field("payload", STRING, True, "The change as sent (JSON of the destination's fields)"),
+        _field("status", STRING, False, "pending, delivered, failed or no_consent"),
+        _field("attempts", INT, False, "Requests made for its batch, over all runs"),
+        _field("first_attempt_at", TIMESTAMP, True, "First request of its batch"),
+        _field("delivered_at", TIMESTAMP, True, "When the destination accepted it"),
+        _field("last_error", STRING, True, "The last failure (HTTP status or connection error)"),
+        _field("run_id", STRING, False, "Run that planned it"),
+        _field("updated_at", TIMESTAMP, False, "Last change of this row"),
+    ]
+)

@@ -84,6 +84,7 @@ class ErasureReport:
     subjects: Subjects
     rows_removed: dict[str, int] = field(default_factory=dict)
     store_entries_removed: int = 0
+    destinations_notified: dict[str, int] = field(default_factory=dict)  # id -> people
     checkpoints_removed: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)  # tables whose deletion vectors were purged
     vacuumed_files: int = 0
@@ -301,6 +302,12 @@ def run_forget(
         lake.SUPPRESSION.schema,
     )
     lake.insert_new(spark, root, lake.SUPPRESSION, suppression_df, keys=("id_hash",))
+
+    progress.step("sending removals to the destinations that had them")
+    from microseg.activation.deliver import notify_erasure
+
+    report.destinations_notified = notify_erasure(spark, cfg, subjects.keys)
+    durable("destinations")
 
     progress.step("erasing from the online store")
     store = open_store(cfg)

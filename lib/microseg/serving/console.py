@@ -381,6 +381,8 @@ def print_erasure(report, verification=None) -> None:
     for name, rows in report.rows_removed.items():
         table.add_row(name, f"{rows:,}")
     table.add_row("online store (entries)", f"{report.store_entries_removed:,}")
+    for destination_id, people in report.destinations_notified.items():
+        table.add_row(f"destination {destination_id} (removals sent)", f"{people:,}")
     console.print(table)
     for path in report.checkpoints_removed:
         console.print(
@@ -522,3 +524,35 @@ def print_sample_size(baseline: float, mde: float, alpha: float, power: float, n
         f"baseline {_pct(baseline)}, detect {_pct(mde, 1)} relative change "
         f"(alpha {alpha}, power {power}): [bold]{n:,}[/bold] exposed users per variant"
     )
+
+
+def print_activate_report(report) -> None:
+    console.print(f"[bold]activate[/bold] run={report.run_id}")
+    if not report.destinations:
+        console.print("no segment changes yet: run `microseg segments run` first")
+        return
+    table = Table(
+        "destination",
+        "type",
+        "new changes",
+        "no consent (not sent)",
+        "batches",
+        "requests",
+        "delivered",
+        "failed",
+    )
+    for d in report.destinations:
+        table.add_row(
+            d.destination_id,
+            d.kind,
+            f"{d.planned:,}",
+            f"{d.no_consent:,}",
+            f"{d.batches_sent:,}",
+            f"{d.attempts:,}",
+            f"{d.delivered:,}",
+            f"[red]{d.failed:,}[/red]" if d.failed else "0",
+        )
+    console.print(table)
+    for d in report.destinations:
+        for error in d.errors[:5]:
+            console.print(f"[red]{d.destination_id}[/red] {error} (sent again by the next run)")

@@ -1,0 +1,116 @@
+"""The destination file (conf/destinations.yaml): where segment changes go (a webhook, file
+exports), which segments and fields each gets. `load_destinations` checks it and names every
+problem with its file and key."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from microseg.core.config import Config, ConfigError, Duration, Strict, describe_validation_error
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+# what a change row can carry to a destination (gold/segment_changes columns)
+CHANGE_FIELDS = (
+    "user_key",
+    "segment_id",
+    "source",
+    "scope",
+    "change",
+    "reason",
+    "changed_at",
+    "definition_version",
+)
+
+
+class _Destination(Strict):
+    id: str = Field(pattern=_ID, max_length=100)
+    segments: tuple[str, ...] = Field(min_length=1, description="Segment ids whose changes go")
+    fields: tuple[str, ...] = Field(
+        ("user_key", "segment_id", "change", "changed_at"),
+        description=f"Fields of each change sent, of: {', '.join(CHANGE_FIELDS)}",
+    )
+    consent: Literal["marketing", "none"] = Field(
+        "marketing",
+        description="marketing: only changes of users whose marketing consent holds at the "
+        "change's time go (others are recorded as no_consent); none: no gate (operational "
+        "destinations only)",
+    )
+
+    @model_validator(mode="after")
+    def _fields(self):
+        unknown = [f for f in self.fields if f not in CHANGE_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(CHANGE_FIELDS)}"
+            )
+        return self
+
+
+class Webhook(_Destination):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://", description="Receives POSTs of JSON batches")
+    batch_size: int = Field(100, ge=1, le=10000, description="Changes per POST")
+    max_attempts: int = Field(6, ge=1, le=50, description="Tries per batch in one run")
+    backoff: Duration = Field(
+        timedelta(seconds=0.5), description="Wait before the first retry; doubles each retry"
+    )
+    max_backoff: Duration = Field(timedelta(seconds=30), description="Longest wait")
+    timeout: Duration = Field(timedelta(seconds=10), description="Per request")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers; a value `env:NAME` is read from environment variable NAME",
+    )
+
+
+class FileExport(_Destination):
+    type: Literal["file"]
+    path: str = Field(description="Folder (local or a Hadoop file system URI) of the exports")
+    format: Literal["csv", "parquet"] = "csv"
+
+
+Destination = Annotated[Webhook | FileExport, Field(discriminator="type")]
+
+
+class DestinationFile(Strict):
+    destinations: tuple[Destination, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> DestinationFile:
+        ids = [d.id for d in self.destinations]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"destination ids must be unique: {', '.join(twice)} repeated")
+        return self
+
+    def chosen(self, ids: list[str] | None) -> list:
+        if not ids:
+            return list(self.destinations)
+        known = {d.id: d for d in self.destinations}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise ConfigError(
+                f"no destination {', '.join(missing)} (ids: {', '.join(known) or 'none'})"
+            )
+        return [known[i] for i in ids]
+
+
+def load_destinations(cfg: Config, path: str | Path | None = None) -> DestinationFile:
+    path = Path(path or cfg.destinations.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"destination file {path} not found (destinations.file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a `destinations:` list")
+    try:
+        return DestinationFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, {(): str(path)})) from None
