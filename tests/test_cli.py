@@ -210,6 +210,33 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
         main(job_args(tmp_path, "features", "--as-of", "yesterday"))
     assert exit_info.value.code == 2
 
+    # an experiment on recent_buyers (the 22 Taobao buyers, all in the 30 days before
+    # 2017-12-04) and a file destination of its changes
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(
+        "experiments:\n  - id: e1\n    segment: recent_buyers\n"
+        "    start: 2017-11-01T00:00:00Z\n    variants: [a, b]\n"
+    )
+    args = ("--file", str(experiments), "--as-of", "2017-12-04")
+    assert main(job_args(tmp_path, "experiment", "assign", *args)) == 0
+    out = capsys.readouterr().out
+    assert "experiment assign" in out and "online store: 22 assignments sent" in out
+    assert main(job_args(tmp_path, "experiment", "analyze", *args)) == 0
+    assert "e1 (segment recent_buyers, fixed): sample ratio ok" in capsys.readouterr().out
+    assert main(job_args(tmp_path, "experiment", "size", "--baseline", "0.1", "--mde", "0.1")) == 0
+    assert "14,751 exposed users per variant" in capsys.readouterr().out
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(
+        f"destinations:\n  - id: out\n    type: file\n    path: {tmp_path / 'exports'}\n"
+        "    segments: [recent_buyers]\n    consent: none\n"
+    )
+    assert main(job_args(tmp_path, "activate", "--file", str(destinations))) == 0
+    out = capsys.readouterr().out
+    assert "out" in out and "22" in out  # the 22 enters, one file
+    assert len(list((tmp_path / "exports" / "out").glob("changes-*/*.csv"))) == 1
+    assert main(job_args(tmp_path, "activate", "--file", str(destinations))) == 0
+    assert len(list((tmp_path / "exports" / "out").glob("changes-*/*.csv"))) == 1
+
 
 def test_segments_validate(spark, tmp_path, capsys):
     assert main(job_args(tmp_path, "segments", "validate")) == 0

@@ -214,7 +214,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # tests/test_crashes.py kills forget at 8 more points, also under -m soak
 def test_a_forget_killed_midway_completes_when_run_again(spark, erased, tmp_path):
     """Killed after the store, or after bronze/events with only silver/identity_map left: the
     rerun finds the same people and leaves the lake as an uninterrupted forget does."""

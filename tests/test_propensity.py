@@ -577,7 +577,7 @@ def test_model_path_is_under_the_lake(trained):
     assert report.path.startswith(str(Path(cfg.lake.root).resolve()))
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # about 3.5 minutes; the default suite keeps the hand-made model tests
 def test_generated_shop_end_to_end(spark, tmp_path, key_env):
     from microseg.ingest.files import run_ingest
     from microseg.ingest.generate import generate

@@ -366,7 +366,7 @@ def test_random_batches_in_random_order_equal_one_full_run(spark, tmp_path):
     shared += [(400, None), (2000, None)]
     rows += [ev(f"s{i}", m, user=u, anon="shared") for i, (m, u) in enumerate(shared)]
     rng.shuffle(rows)
-    batches = [rows[i::4] for i in range(4)]
+    batches = [rows[i::3] for i in range(3)]
     incremental = make_config(tmp_path / "inc", "sessions.max_session_length=2h")
     for number, batch in enumerate(batches):
         write_bronze(

@@ -396,7 +396,9 @@ def reference(spark, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize(
+    "store", [pytest.param("sqlite", marks=pytest.mark.soak), "redis"]
+)  # the recovery is the store's: Redis in the default suite, SQLite with the soak tests
 def test_kill_9_mid_batch_and_restart_equals_an_uninterrupted_run(
     spark, tmp_path, request, store, reference
 ):
