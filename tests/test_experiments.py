@@ -518,18 +518,22 @@ def test_the_store_keeps_the_first_variant_and_forgets_people(tmp_path):
     assert store.user_variants("u2") == [Variant("u2", "e", "b", 5)]
 
 
-def test_a_bad_experiment_file_names_the_key(tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    colour: red\n", "key 'experiments.0.colour'"),
+        ("    weights: [0.9, 0.3]\n", "add up to 1"),
+        ("    variants: [a, holdout]\n", "'holdout' is reserved"),
+    ],
+)
+def test_a_bad_experiment_file_names_the_file_and_the_problem(tmp_path, extra, message):
     from microseg.core.config import ConfigError
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        "experiments:\n  - id: x\n    segment: s\n    start: 2026-10-01T00:00:00Z\n"
-        "    variants: [a, b]\n    weights: [0.9, 0.3]\n    colour: red\n"
-    )
+    base = "experiments:\n  - id: x\n    segment: s\n    start: 2026-10-01T00:00:00Z\n"
+    bad.write_text(base + ("" if "variants" in extra else "    variants: [a, b]\n") + extra)
     cfg = make_config(tmp_path, f"experiments.file={bad}")
     with pytest.raises(ConfigError) as err:
         load_experiments(cfg)
-    text = str(err.value)
-    assert "experiments.0.colour" in text and "unknown key" in text
-    assert "add up to 1" in text
-    assert str(bad) in text
+    assert str(err.value).startswith(f"{bad}: ")
+    assert message in str(err.value)

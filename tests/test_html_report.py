@@ -44,6 +44,7 @@ EXPECTED_TITLES = [
     html_report.titled(html_report.CLUSTER_Z_TITLE, "behavior"),
     html_report.titled(html_report.CALIBRATION_TITLE, "purchase_7d"),
     html_report.titled(html_report.LIFT_TITLE, "purchase_7d"),
+    html_report.EXPERIMENT_TITLE,
     html_report.QUARANTINE_TITLE,
     html_report.RUN_DURATION_TITLE,
     html_report.RUN_STATUS_TITLE,
@@ -167,6 +168,13 @@ def report_file(spark, tmp_path_factory):
     for as_of in (T1, T2):
         run("features", "--as-of", as_of)
         run("segments", "run", "--as-of", as_of)
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(
+        "experiments:\n  - id: e1\n    segment: repeat_visitors\n"
+        "    start: 2026-09-01T00:00:00Z\n    variants: [a, b]\n"
+    )
+    run("experiment", "assign", "--as-of", T1, "--file", str(experiments))
+    run("experiment", "analyze", "--as-of", T2, "--file", str(experiments))
     lake.ensure_table(spark, cfg.lake.root, lake.MODEL_REGISTRY)
     (
         spark.createDataFrame(

@@ -24,6 +24,7 @@ batch is visible in the ledger and is sent again by the next run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -366,8 +367,6 @@ def notify_erasure(spark: SparkSession, cfg: Config, user_keys: set[str]) -> dic
         destination = destinations.get(destination_id)
         if not isinstance(destination, Webhook):
             continue  # file exports: see README, "Destinations"
-        import hashlib
-
         batch_id = hashlib.sha256(
             "|".join([destination_id, "erase", *sorted(keys)]).encode()
         ).hexdigest()[:32]

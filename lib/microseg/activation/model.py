@@ -8,10 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from microseg.core.config import Config, ConfigError, Duration, Strict, describe_validation_error
+from microseg.core.config import Config, ConfigError, Duration, Strict, load_model_file
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -101,16 +100,6 @@ class DestinationFile(Strict):
 
 
 def load_destinations(cfg: Config, path: str | Path | None = None) -> DestinationFile:
-    path = Path(path or cfg.destinations.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"destination file {path} not found (destinations.file)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with a `destinations:` list")
-    try:
-        return DestinationFile.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, {(): str(path)})) from None
+    return load_model_file(
+        Path(path or cfg.destinations.file), DestinationFile, "destinations.file"
+    )

@@ -510,6 +510,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def load_model_file(path: Path, model: type[BaseModel], setting: str):
+    """A YAML file of the project (experiments, destinations) checked by a pydantic model;
+    each problem names the file and the key. `setting`: the config key naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found ({setting})")
+    try:
+        return model.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, {(): str(path)})) from None
+
+
 def _merge(base: dict, overlay: dict, origin: str, provenance: dict, prefix: tuple = ()) -> dict:
     """Deep-merge overlay into base; remember which file set each leaf (for error messages)."""
     merged = dict(base)

@@ -10,8 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from microseg.core.config import (
     Config,
@@ -19,7 +18,7 @@ from microseg.core.config import (
     Duration,
     Strict,
     UtcDatetime,
-    describe_validation_error,
+    load_model_file,
 )
 from microseg.experiments.hashing import bucket_ranges
 
@@ -152,16 +151,4 @@ class ExperimentFile(Strict):
 
 
 def load_experiments(cfg: Config, path: str | Path | None = None) -> ExperimentFile:
-    path = Path(path or cfg.experiments.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment file {path} not found (experiments.file)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with an `experiments:` list")
-    try:
-        return ExperimentFile.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, {(): str(path)})) from None
+    return load_model_file(Path(path or cfg.experiments.file), ExperimentFile, "experiments.file")

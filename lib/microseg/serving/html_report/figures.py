@@ -23,6 +23,7 @@ CLUSTER_Z_TITLE = "Cluster centroids as z-scores"
 CALIBRATION_TITLE = "Propensity calibration"
 LIFT_TITLE = "Propensity lift by score decile"
 QUARANTINE_TITLE = "Quarantined records per day and reason"
+EXPERIMENT_TITLE = "Experiment conversion by variant (95% interval)"
 RUN_DURATION_TITLE = "Job run durations"
 RUN_STATUS_TITLE = "Job runs per job and status"
 
@@ -391,4 +392,83 @@ def runs_section(runs: pd.DataFrame | None) -> Section:
             f"; latest failure: {last['job']} at {when_text(last['started_at'])}: {last['error']}"
         )
     section.notes.append(note + ". `microseg runs` lists them.")
+    return section
+
+
+def experiments_section(results: pd.DataFrame | None) -> Section:
+    section = Section("experiments", "Experiments")
+    if results is None or results.empty:
+        section.missing = (
+            "no data yet: run `microseg experiment assign --as-of T`, then "
+            "`microseg experiment analyze --as-of T`"
+        )
+        return section
+    results = results.copy()
+    results["order"] = results["variant"].map(lambda v: 2 if v == "holdout" else 1)
+    results.loc[results["is_control"], "order"] = 0
+    results = results.sort_values(["experiment_id", "order", "variant"])
+    fig = go.Figure()
+    for i, (experiment_id, rows) in enumerate(results.groupby("experiment_id", sort=True)):
+        rates = rows["conversion_rate"].fillna(0.0)
+        n = rows["exposed"].clip(lower=1)
+        half = 1.959964 * (rates * (1 - rates) / n) ** 0.5
+        fig.add_trace(
+            go.Bar(
+                x=[f"{experiment_id}: {v}" for v in rows["variant"]],
+                y=rates,
+                error_y={"type": "data", "array": list(half)},
+                name=experiment_id,
+                marker={"color": color(i)},
+                hovertemplate="%{x}<br>conversion %{y:.2%}<extra></extra>",
+            )
+        )
+    layout(
+        fig, EXPERIMENT_TITLE, yaxis={"title": "conversion of exposed users", "tickformat": ".0%"}
+    )
+    section.charts.append(Chart(EXPERIMENT_TITLE, fig))
+
+    def pct(value: Any) -> str:
+        return "" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+
+    table = []
+    for row in results.itertuples():
+        lift = ""
+        if not pd.isna(row.lift):
+            lift = f"{pct(row.lift)} ({pct(row.lift_ci_low)} to {pct(row.lift_ci_high)})"
+        table.append(
+            [
+                row.experiment_id,
+                when_text(row.as_of),
+                row.variant + (" (control)" if row.is_control else ""),
+                int(row.assigned),
+                int(row.exposed),
+                pct(row.conversion_rate),
+                lift,
+                "" if pd.isna(row.p_value) else f"{row.p_value:.4f}",
+                "" if pd.isna(row.revenue_per_user) else f"{row.revenue_per_user:,.2f}",
+                "MISMATCH" if row.srm_flag else "ok",
+            ]
+        )
+    section.tables.append(
+        (
+            [
+                "experiment",
+                "analyzed as of",
+                "variant",
+                "assigned",
+                "exposed",
+                "conversion",
+                "lift (95% CI)",
+                "p",
+                "revenue / user",
+                "sample ratio",
+            ],
+            table,
+        )
+    )
+    section.notes.append(
+        "Latest analysis of each experiment (`gold/experiment_results`); lift against the "
+        "control, two-proportion z-test p; sample ratio: chi-square of assigned counts "
+        "against the weights, MISMATCH below p = 0.001."
+    )
     return section

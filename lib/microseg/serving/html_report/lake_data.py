@@ -103,6 +103,34 @@ def load_quarantine(spark: SparkSession, root: str) -> pd.DataFrame | None:
     return _frame(counts, ("day", "reason", "count"))
 
 
+EXPERIMENT_COLUMNS = (
+    "experiment_id",
+    "as_of",
+    "variant",
+    "is_control",
+    "assigned",
+    "exposed",
+    "conversions",
+    "conversion_rate",
+    "revenue_per_user",
+    "lift",
+    "lift_ci_low",
+    "lift_ci_high",
+    "p_value",
+    "srm_p_value",
+    "srm_flag",
+)
+
+
+def load_experiments(spark: SparkSession, root: str) -> pd.DataFrame | None:
+    """Each experiment's rows of its latest analysis (gold/experiment_results)."""
+    df = _read(spark, root, lake.EXPERIMENT_RESULTS)
+    if df is None:
+        return None
+    latest = df.groupBy("experiment_id").agg(F.max("as_of").alias("as_of"))
+    return _frame(df.join(latest, ["experiment_id", "as_of"]), EXPERIMENT_COLUMNS)
+
+
 RUN_COLUMNS = ("run_id", "job", "as_of", "started_at", "ended_at", "status", "error")
 
 

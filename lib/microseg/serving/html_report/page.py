@@ -19,6 +19,7 @@ from microseg.serving.html_report.figures import (
     Chart,
     Section,
     changes_section,
+    experiments_section,
     overlap_section,
     quarantine_section,
     runs_section,
@@ -28,6 +29,7 @@ from microseg.serving.html_report.figures import (
 from microseg.serving.html_report.lake_data import (
     TableVersion,
     load_catalog,
+    load_experiments,
     load_latest_models,
     load_quarantine,
     load_runs,
@@ -65,6 +67,7 @@ SECTIONS: tuple[tuple[str, Callable[..., Section]], ...] = (
     ("catalog", stability_section),
     ("models", cluster_section),
     ("models", propensity_section),
+    ("experiments", experiments_section),
     ("quarantine", quarantine_section),
     ("runs", runs_section),
 )
@@ -76,6 +79,7 @@ def build_report(spark: SparkSession, root: str, *, now: datetime | None = None)
         "catalog": load_catalog(spark, root),
         "models": load_latest_models(spark, root),
         "quarantine": load_quarantine(spark, root),
+        "experiments": load_experiments(spark, root),
         "runs": load_runs(spark, root),
     }
     return Report(
