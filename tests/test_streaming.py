@@ -8,6 +8,7 @@ the point, as the batch as-of does), so an enter caused by an event at minute m 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -770,3 +771,54 @@ def test_kafka_topic_is_ingested_with_quarantine_and_updates_segments(
     assert lake.read_table(spark, cfg.lake.root, lake.EVENTS).count() == 3
     assert lake.read_table(spark, cfg.lake.root, lake.QUARANTINE).count() == 3
     assert len(changes(spark, cfg)) == 3
+
+
+def test_segment_changes_go_to_a_kafka_topic_once(spark, kafka, tmp_path):
+    """A Kafka destination of `microseg activate`: one message per consented change (key:
+    its idempotency key), and a second run sends nothing (tests/test_activation.py has the
+    changes and the hand count)."""
+    from tests.test_activation import CHANGES, CONSENT, NO_CONSENT, SENT
+
+    from microseg.activation.deliver import run_activate
+
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(
+        "destinations:\n  - id: bus\n    type: kafka\n"
+        f"    bootstrap_servers: {kafka}\n    topic: segment-changes\n"
+        "    segments: [vip]\n    batch_size: 10\n"
+    )
+    cfg = make_config(tmp_path, f"destinations.file={destinations}")
+    root = cfg.lake.root
+    lake.overwrite(
+        spark,
+        root,
+        lake.SEGMENT_CHANGES,
+        spark.createDataFrame(CHANGES, lake.SEGMENT_CHANGES.schema),
+    )
+    lake.overwrite(spark, root, lake.CONSENT, spark.createDataFrame(CONSENT, lake.CONSENT.schema))
+    first = run_activate(spark, cfg, run_id="k1").destinations[0]
+    assert (first.planned, first.no_consent, first.delivered, first.batches_sent) == (
+        SENT,
+        NO_CONSENT,
+        SENT,
+        4,  # 34 changes in batches of 10
+    )
+    assert run_activate(spark, cfg, run_id="k2").destinations[0].batches_sent == 0
+    messages = (
+        spark.read.format("kafka")
+        .option("kafka.bootstrap.servers", kafka)
+        .option("subscribe", "segment-changes")
+        .option("startingOffsets", "earliest")
+        .load()
+        .selectExpr("CAST(key AS STRING) AS key", "CAST(value AS STRING) AS value")
+        .collect()
+    )
+    keys = [m.key for m in messages]
+    delivered = {
+        r.idempotency_key
+        for r in lake.read_table(spark, root, lake.DELIVERIES).collect()
+        if r.status == "delivered"
+    }
+    assert sorted(keys) == sorted(delivered) and len(keys) == SENT
+    sample = json.loads(messages[0].value)
+    assert set(sample) == {"idempotency_key", "user_key", "segment_id", "change", "changed_at"}

@@ -640,8 +640,10 @@ def _activate(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ops.forget import recorded_job
     from microseg.serving.console import print_activate_report
 
-    load_destinations(cfg, args.file).chosen(args.destinations)  # config errors before Spark
-    spark = _spark(cfg, args, "activate", "reading segment changes")
+    # config errors before Spark starts; Spark's Kafka connector only where a topic is one
+    chosen = load_destinations(cfg, args.file).chosen(args.destinations)
+    kafka = any(d.type == "kafka" for d in chosen)
+    spark = _spark(cfg, args, "activate", "reading segment changes", kafka=kafka)
     with recorded_job(spark, cfg, job="activate") as run:
         result = run_activate(
             spark, cfg, run_id=run.run_id, destination_ids=args.destinations, path=args.file

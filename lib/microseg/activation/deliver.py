@@ -11,8 +11,8 @@ Exactly-once, in three steps per destination:
 2. **Send** each batch of `pending` and `failed` rows, in order: a webhook gets one POST per
    batch (header `Idempotency-Key`: the batch id; each change carries its own key), retried
    with doubling backoff on a connection error, a timeout, 408, 429 or 5xx, up to
-   `max_attempts`; a file destination gets one file per batch. A 4xx other than those is not
-   retried.
+   `max_attempts` (a 4xx other than those is not retried); a Kafka topic gets one message per
+   change (key: its idempotency key); a file destination gets one file per batch.
 3. **Record** each batch's outcome in the ledger (`delivered`, or `failed` with the error and
    attempt count) right after it, one commit per batch.
 
@@ -36,7 +36,13 @@ from datetime import datetime, timezone
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg.activation.model import Destination, FileExport, Webhook, load_destinations
+from microseg.activation.model import (
+    Destination,
+    FileExport,
+    KafkaTopic,
+    Webhook,
+    load_destinations,
+)
 from microseg.core import lake, progress
 from microseg.core.config import Config
 from microseg.core.failpoints import durable
@@ -82,7 +88,7 @@ def plan_rows(
     else:
         rows = rows.withColumn("consent_ok", F.lit(True))
     order = Window.partitionBy("consent_ok").orderBy("changed_at", "idempotency_key")
-    batch = destination.batch_size if isinstance(destination, Webhook) else 1 << 30
+    batch = getattr(destination, "batch_size", 1 << 30)  # a file destination: one per run
     number = F.floor((F.row_number().over(order) - 1) / batch)
     payload = F.to_json(
         F.struct(
@@ -207,6 +213,22 @@ def _write_file(spark: SparkSession, destination: FileExport, batch_id: str, row
         writer.parquet(target)
 
 
+def _write_kafka(spark: SparkSession, destination: KafkaTopic, rows) -> None:
+    """One message per change: key the idempotency key, value the payload (JSON)."""
+    frame = spark.createDataFrame(
+        [(r.idempotency_key, r.payload) for r in rows], "key string, value string"
+    )
+    writer = (
+        frame.coalesce(1)
+        .write.format("kafka")
+        .option("kafka.bootstrap.servers", destination.bootstrap_servers)
+        .option("topic", destination.topic)
+    )
+    for name, value in destination.options.items():
+        writer = writer.option(name, value)
+    writer.save()
+
+
 @dataclass
 class DestinationReport:
     destination_id: str
@@ -307,7 +329,10 @@ def _send(spark: SparkSession, root: str, destination, result: DestinationReport
         else:
             started = datetime.now(timezone.utc)
             try:
-                _write_file(spark, destination, batch_id, rows)
+                if isinstance(destination, KafkaTopic):
+                    _write_kafka(spark, destination, rows)
+                else:
+                    _write_file(spark, destination, batch_id, rows)
                 outcome = Outcome(True, 1, started)
             except Exception as exc:  # noqa: BLE001 - recorded in the ledger as the failure
                 outcome = Outcome(False, 1, started, f"{type(exc).__name__}: {exc}"[:500])

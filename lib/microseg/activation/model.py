@@ -73,7 +73,18 @@ class FileExport(_Destination):
     format: Literal["csv", "parquet"] = "csv"
 
 
-Destination = Annotated[Webhook | FileExport, Field(discriminator="type")]
+class KafkaTopic(_Destination):
+    type: Literal["kafka"]
+    bootstrap_servers: str = Field(description="host:port[,host:port...] of the brokers")
+    topic: str = Field(min_length=1)
+    batch_size: int = Field(1000, ge=1, le=1_000_000, description="Changes per write")
+    options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Kafka producer settings for Spark's writer, e.g. kafka.security.protocol",
+    )
+
+
+Destination = Annotated[Webhook | FileExport | KafkaTopic, Field(discriminator="type")]
 
 
 class DestinationFile(Strict):

@@ -55,7 +55,7 @@ def two_proportion_ztest(
 ) -> ZTest:
     """Treatment vs control. z and p from the pooled proportion (the textbook test); the
     difference's interval from the unpooled standard error; the relative lift's interval
-    by the delta method on p_t / p_c."""
+    by the delta method on p_t / p_c (its lower end cut at -100%)."""
     p_c, p_t = conv_c / n_c, conv_t / n_t
     pooled = (conv_c + conv_t) / (n_c + n_t)
     se_pooled = math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_t))
@@ -68,7 +68,8 @@ def two_proportion_ztest(
     if p_c > 0:
         lift = p_t / p_c - 1
         se_lift = math.sqrt(var_t / p_c**2 + p_t**2 * var_c / p_c**4)
-        lift_ci = (lift - q * se_lift, lift + q * se_lift)
+        # a rate cannot fall below 0, so the lift not below -100%
+        lift_ci = (max(lift - q * se_lift, -1.0), lift + q * se_lift)
     else:
         lift, lift_ci = math.nan, (math.nan, math.nan)
     return ZTest(diff, (diff - q * se, diff + q * se), lift, lift_ci, z, p_value)
