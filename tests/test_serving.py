@@ -118,3 +118,25 @@ def test_forget_removes_members_aliases_and_pending_rows_of_the_people_only(stor
         for path in tmp_path.glob("online.sqlite*"):
             data = path.read_bytes()
             assert b"u1" not in data and b"x1" not in data and b"x3" not in data, path
+
+
+def test_variants_are_insert_once_per_user_and_experiment_and_forgotten(store):
+    from microseg.core.online_store import Variant
+
+    first = (
+        Variant("u1", "e1", "a", 10),
+        Variant("u1", "e2", "b", 10),
+        Variant("u2", "e1", "b", 10),
+    )
+    assert store.add_variants("batch:experiments", 1, (v for v in first))  # any iterable
+    # a later batch cannot move u1 in e1 (sticky), but adds u3
+    assert store.add_variants(
+        "batch:experiments", 2, [Variant("u1", "e1", "b", 20), Variant("u3", "e1", "a", 20)]
+    )
+    assert not store.add_variants("batch:experiments", 2, [Variant("u4", "e1", "a", 30)])
+    assert store.user_variants("u1") == [Variant("u1", "e1", "a", 10), Variant("u1", "e2", "b", 10)]
+    assert store.user_variants("u3") == [Variant("u3", "e1", "a", 20)]
+    assert store.user_variants("u4") == []
+    store.forget({"u1"}, set())
+    assert store.user_variants("u1") == []
+    assert store.user_variants("u2") == [Variant("u2", "e1", "b", 10)]

@@ -515,6 +515,8 @@ class RedisStore:
         return self._transaction(writer, batch, write)
 
     def add_variants(self, writer, batch, variants):
+        variants = list(variants)  # a WATCH conflict runs `write` again
+
         def write(pipe):
             def queued(p):
                 for v in variants:
