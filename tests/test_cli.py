@@ -95,7 +95,7 @@ def test_missing_input_exits_2(spark, tmp_path, capsys):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # a real process killed at a kill point; tests/test_crashes.py has the rest
 @pytest.mark.parametrize("crash_at", ["ingest.after_quarantine"])
 def test_crash_mid_run_then_rerun_completes(spark, tmp_path, crash_at):
     """A real process dies at a kill point (exit 137, no cleanup) and a rerun completes; every

@@ -345,20 +345,9 @@ def experiment_lake(spark, tmp_path_factory):
     (tmp / "experiments.yaml").write_text(EXPERIMENTS)
     cfg = make_config(tmp, f"experiments.file={tmp / 'experiments.yaml'}")
     root = cfg.lake.root
-    lake.insert_new(
-        spark,
-        root,
-        lake.SEGMENT_MEMBERSHIP,
-        spark.createDataFrame(MEMBERS, schema=schemas.SEGMENT_MEMBERSHIP),
-        ("user_key", "segment_id", "valid_from"),
-    )
-    lake.insert_new(
-        spark,
-        root,
-        lake.SESSIONS,
-        spark.createDataFrame(SESSIONS, schema=schemas.SESSIONS),
-        ("session_id",),
-    )
+    members = spark.createDataFrame(MEMBERS, schema=schemas.SEGMENT_MEMBERSHIP)
+    lake.overwrite(spark, root, lake.SEGMENT_MEMBERSHIP, members)
+    lake.overwrite(spark, root, lake.SESSIONS, spark.createDataFrame(SESSIONS, schemas.SESSIONS))
     first = run_assign(spark, cfg, as_of=T, run_id="assign-1")
     analysis = run_analyze(spark, cfg, as_of=AS_OF, run_id="analyze-1")
     return cfg, first, analysis

@@ -25,7 +25,7 @@ from microseg.ops.forget import recorded_job, run_forget
 from microseg.segments.evaluate import run_segments
 from microseg.silver.sessions import run_sessionize
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]  # about 3 minutes: with -m soak
 
 AS_OF = datetime(2026, 9, 3)
 SETTINGS = [

@@ -337,7 +337,7 @@ def test_late_event_before_a_visit_re_cuts_max_length_pieces(spark, tmp_path):
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # the hand-made late-event tests below stay in the default run
 def test_random_batches_in_random_order_equal_one_full_run(spark, tmp_path):
     rng = random.Random(7)
     rows = []
