@@ -307,13 +307,16 @@ def _send(spark: SparkSession, root: str, destination, result: DestinationReport
         lake.read_table(spark, root, lake.DELIVERIES)
         .filter((F.col("destination_id") == destination.id) & F.col("status").isin(PENDING, FAILED))
         .select("idempotency_key", "batch_id", "payload", "changed_at")
-        .orderBy("batch_id", "changed_at", "idempotency_key")
+        .orderBy("changed_at", "idempotency_key")
         .collect()
     )
-    batches: dict[str, list] = {}
+    grouped: dict[str, list] = {}
     for row in todo:
-        batches.setdefault(row.batch_id, []).append(row)
-    for number, (batch_id, rows) in enumerate(batches.items(), 1):
+        grouped.setdefault(row.batch_id, []).append(row)
+    # in the order of their changes (a user's enter goes before their exit): batch ids are
+    # hashes, so order by each batch's first change
+    batches = sorted(grouped.items(), key=lambda kv: (kv[1][0].changed_at, kv[0]))
+    for number, (batch_id, rows) in enumerate(batches, 1):
         progress.step(f"{destination.id}: batch {number} of {len(batches)} ({len(rows)} changes)")
         if isinstance(destination, Webhook):
             body = (
