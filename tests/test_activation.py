@@ -168,7 +168,7 @@ def test_webhook_is_exactly_once_across_failing_requests_and_honours_consent(spa
         receiver.close()
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # ~90 s: a second process; the failing-receiver test above stays in the default run
 def test_webhook_is_exactly_once_when_the_sender_is_killed(spark, tmp_path, key_env):
     """`microseg activate` in its own process, sent SIGKILL by the receiver after it applied
     the third batch (before answering); the next run sends that batch again and the rest."""
