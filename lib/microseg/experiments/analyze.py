@@ -291,12 +291,13 @@ def run_analyze(
         F.col("session_start") < F.lit(as_of).cast("timestamp")
     )
     chosen = [e for e in chosen if e.start <= as_of]
-    exposure_frames = []
-    for experiment in chosen:
-        assigned = all_assignments.filter(
-            (F.col("experiment_id") == experiment.id) & (F.col("assigned_at") <= F.lit(as_of))
+    assigned_by = {
+        e.id: all_assignments.filter(
+            (F.col("experiment_id") == e.id) & (F.col("assigned_at") <= F.lit(as_of))
         )
-        exposure_frames.append(first_exposures(assigned, sessions, experiment, as_of))
+        for e in chosen
+    }
+    exposure_frames = [first_exposures(assigned_by[e.id], sessions, e, as_of) for e in chosen]
     if exposure_frames:
         frame = exposure_frames[0]
         for other in exposure_frames[1:]:
@@ -313,9 +314,7 @@ def run_analyze(
     analyzed_at = datetime.now(timezone.utc)
     rows: list[dict] = []
     for experiment in chosen:
-        assigned = all_assignments.filter(
-            (F.col("experiment_id") == experiment.id) & (F.col("assigned_at") <= F.lit(as_of))
-        ).cache()
+        assigned = assigned_by[experiment.id].cache()
         exposed = exposures.filter(
             (F.col("experiment_id") == experiment.id) & (F.col("exposed_at") < F.lit(as_of))
         ).select("user_key", "variant", "exposed_at")
