@@ -632,6 +632,19 @@ def _activate_arguments(parser: argparse.ArgumentParser) -> None:
         help="only this destination id (repeatable; default: every destination)",
     )
     parser.add_argument("--file", help="destination file (default: destinations.file)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="keep running: decide triggers and deliver new changes as events arrive",
+    )
+    parser.add_argument(
+        "--available-now",
+        action="store_true",
+        help="--stream: process what bronze/events holds now, then stop",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="--stream: stop after this many seconds"
+    )
 
 
 def _activate(cfg: Config, args: argparse.Namespace) -> int:
@@ -643,6 +656,8 @@ def _activate(cfg: Config, args: argparse.Namespace) -> int:
     # config errors before Spark starts; Spark's Kafka connector only where a topic is one
     chosen = load_destinations(cfg, args.file).chosen(args.destinations)
     kafka = any(d.type == "kafka" for d in chosen)
+    if args.stream:
+        return _activate_stream(cfg, args, kafka)
     spark = _spark(cfg, args, "activate", "reading segment changes", kafka=kafka)
     with recorded_job(spark, cfg, job="activate") as run:
         result = run_activate(
@@ -654,6 +669,80 @@ def _activate(cfg: Config, args: argparse.Namespace) -> int:
             run.error = f"{failed} change(s) not delivered (gold/deliveries status failed)"
     print_activate_report(result)
     return 1 if failed else 0
+
+
+def _activate_stream(cfg: Config, args: argparse.Namespace, kafka: bool) -> int:
+    from pathlib import Path
+
+    from microseg.activation.stream import run_activation_stream
+    from microseg.activation.triggers import load_triggers
+    from microseg.core.runs import recorded
+    from microseg.serving.console import print_activation_stream_report
+
+    if args.destinations:
+        raise ConfigError("activate --stream serves every destination: drop --destination")
+    if Path(cfg.triggers.file).is_file():
+        load_triggers(cfg)  # a bad trigger file is an error before Spark starts
+    spark = _spark(cfg, args, "activate-stream", "starting the activation query", kafka=kafka)
+    with recorded(spark, cfg, job="activate stream") as run:
+        report = run_activation_stream(
+            spark,
+            cfg,
+            run_id=run.run_id,
+            available_now=args.available_now,
+            timeout=args.timeout,
+            destinations_path=args.file,
+        )
+        if report.failed:
+            run.status = "failed"
+            run.error = f"{report.failed} change(s) not delivered (gold/deliveries status failed)"
+    print_activation_stream_report(report)
+    return 1 if report.failed else 0
+
+
+def _triggers_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=("run", "validate"),
+        help="run: decide every firing due by --as-of into gold/trigger_firings; validate: "
+        "check the trigger file",
+    )
+    parser.add_argument("--as-of", type=_as_of, help="point in time (run)")
+    parser.add_argument(
+        "--trigger", action="append", dest="triggers", help="only this trigger id (repeatable)"
+    )
+    parser.add_argument("--file", help="trigger file (default: triggers.file)")
+
+
+def _triggers(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.activation.triggers import load_triggers
+    from microseg.serving.console import print_trigger_report
+
+    chosen = load_triggers(cfg, args.file).chosen(args.triggers)
+    if args.action == "validate":
+        for t in chosen:
+            print(
+                f"{t.id}: on {t.kind} {t.enter_segment or ', '.join(t.anchor_types or ['any'])}"
+                f", delay {t.delay}, version {t.version}"
+            )
+        return 0
+    if args.as_of is None:
+        raise ConfigError("triggers run needs --as-of TIME")
+    from microseg.activation.fire import run_triggers
+    from microseg.ops.forget import recorded_job
+
+    spark = _spark(cfg, args, "triggers", "deciding triggers")
+    with recorded_job(spark, cfg, job="triggers", as_of=args.as_of) as run:
+        report = run_triggers(
+            spark,
+            cfg,
+            as_of=args.as_of,
+            run_id=run.run_id,
+            trigger_ids=args.triggers,
+            path=args.file,
+        )
+    print_trigger_report(report)
+    return 0
 
 
 def _maintain(cfg: Config, args: argparse.Namespace) -> int:
@@ -721,9 +810,16 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "activate",
-            "send segment changes to destinations (webhook, files) through the delivery ledger",
+            "send segment changes and trigger firings to destinations through the delivery "
+            "ledger; --stream: as events arrive",
             _activate_arguments,
             _activate,
+        ),
+        Command(
+            "triggers",
+            "decide trigger firings (delay, inactivity, caps, quiet hours): run --as-of T",
+            _triggers_arguments,
+            _triggers,
         ),
         Command(
             "experiment",

@@ -37,6 +37,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from microseg.activation.model import (
+    CHANGE_FIELDS,
     Destination,
     FileExport,
     KafkaTopic,
@@ -49,6 +50,7 @@ from microseg.core.failpoints import durable
 from microseg.silver.consent import consent_at_points, read_history
 
 PENDING, DELIVERED, FAILED, NO_CONSENT = "pending", "delivered", "failed", "no_consent"
+TRIGGER = "trigger"  # the change of a trigger firing
 _RETRY_STATUS = {408, 425, 429}
 
 
@@ -67,7 +69,11 @@ def plan_rows(
     now: datetime,
 ) -> DataFrame:
     """Ledger rows (gold/deliveries) for the destination's changes not in `known_keys`."""
-    rows = changes.filter(F.col("segment_id").isin(list(destination.segments))).withColumn(
+    wanted = (F.col("change") != TRIGGER) & F.col("segment_id").isin(list(destination.segments))
+    wanted = wanted | (F.col("change") == TRIGGER) & F.col("segment_id").isin(
+        list(destination.triggers)
+    )
+    rows = changes.filter(wanted).withColumn(
         "idempotency_key",
         _key(
             F.lit(destination.id),
@@ -248,6 +254,34 @@ class ActivateReport:
     destinations: list[DestinationReport] = field(default_factory=list)
 
 
+def activation_changes(spark: SparkSession, root: str) -> DataFrame | None:
+    """What destinations can get: gold/segment_changes, and the fired rows of
+    gold/trigger_firings as changes `trigger` (segment_id: the trigger id; changed_at: the fire
+    time); None when neither table exists."""
+    parts = []
+    if lake.table_exists(spark, root, lake.SEGMENT_CHANGES):
+        parts.append(lake.read_table(spark, root, lake.SEGMENT_CHANGES).select(*CHANGE_FIELDS))
+    if lake.table_exists(spark, root, lake.TRIGGER_FIRINGS):
+        fired = lake.read_table(spark, root, lake.TRIGGER_FIRINGS).filter(
+            F.col("status") == "fired"
+        )
+        parts.append(
+            fired.select(
+                "user_key",
+                F.col("trigger_id").alias("segment_id"),
+                "source",
+                F.lit("triggers").alias("scope"),
+                F.lit(TRIGGER).alias("change"),
+                F.col("trigger_id").alias("reason"),
+                F.col("fire_at").alias("changed_at"),
+                "definition_version",
+            )
+        )
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+
+
 def run_activate(
     spark: SparkSession,
     cfg: Config,
@@ -259,9 +293,9 @@ def run_activate(
     root = cfg.lake.root
     destinations = load_destinations(cfg, path).chosen(destination_ids)
     report = ActivateReport(run_id)
-    if not lake.table_exists(spark, root, lake.SEGMENT_CHANGES):
+    changes = activation_changes(spark, root)
+    if changes is None:
         return report
-    changes = lake.read_table(spark, root, lake.SEGMENT_CHANGES)
     history = read_history(spark, root)
     default = cfg.privacy.consent.marketing_unknown == "granted"
     for destination in destinations:

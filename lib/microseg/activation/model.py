@@ -29,7 +29,12 @@ CHANGE_FIELDS = (
 
 class _Destination(Strict):
     id: str = Field(pattern=_ID, max_length=100)
-    segments: tuple[str, ...] = Field(min_length=1, description="Segment ids whose changes go")
+    segments: tuple[str, ...] = Field((), description="Segment ids whose changes go")
+    triggers: tuple[str, ...] = Field(
+        (),
+        description="Trigger ids (conf/triggers.yaml) whose firings go: a firing is sent as a "
+        "change `trigger` with segment_id the trigger id and changed_at its fire time",
+    )
     fields: tuple[str, ...] = Field(
         ("user_key", "segment_id", "change", "changed_at"),
         description=f"Fields of each change sent, of: {', '.join(CHANGE_FIELDS)}",
@@ -43,6 +48,8 @@ class _Destination(Strict):
 
     @model_validator(mode="after")
     def _fields(self):
+        if not self.segments and not self.triggers:
+            raise ValueError("name the segments and/or the triggers whose changes go")
         unknown = [f for f in self.fields if f not in CHANGE_FIELDS]
         if unknown:
             raise ValueError(

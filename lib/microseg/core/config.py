@@ -143,6 +143,10 @@ class ExperimentsConfig(Strict):
     )
 
 
+class TriggersConfig(Strict):
+    file: str = Field("conf/triggers.yaml", description="The trigger rules (see README, Triggers).")
+
+
 class DestinationsConfig(Strict):
     file: str = Field(
         "conf/destinations.yaml", description="Where segment changes go (see README, activate)."
@@ -483,6 +487,7 @@ class Config(Strict):
     segments: SegmentsConfig = SegmentsConfig()
     experiments: ExperimentsConfig = ExperimentsConfig()
     destinations: DestinationsConfig = DestinationsConfig()
+    triggers: TriggersConfig = TriggersConfig()
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()

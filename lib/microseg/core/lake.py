@@ -250,6 +250,13 @@ EXPERIMENT_ALLOCATIONS = Table(
     comment="Thompson-sampling allocation weights per experiment, versioned.",
 )
 
+TRIGGER_FIRINGS = Table(
+    "gold/trigger_firings",
+    schemas.TRIGGER_FIRINGS,
+    comment="Insert-once decision per trigger, user and anchor: fired, or suppressed and why.",
+    identifiers={"user_key": "user_key"},
+)
+
 DELIVERIES = Table(
     "gold/deliveries",
     schemas.DELIVERIES,
@@ -299,6 +306,7 @@ ALL_TABLES = (
     EXPOSURES,
     EXPERIMENT_RESULTS,
     EXPERIMENT_ALLOCATIONS,
+    TRIGGER_FIRINGS,
     DELIVERIES,
     WATERMARKS,
     RUNS,

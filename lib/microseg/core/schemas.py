@@ -512,6 +512,34 @@ EXPERIMENT_ALLOCATIONS = T.StructType(
 )
 
 # gold/deliveries: the delivery ledger, one row per destination and change.
+TRIGGER_FIRINGS = T.StructType(
+    [
+        _field("trigger_id", STRING, False, "Trigger id (conf/triggers.yaml)"),
+        _field("user_key", STRING, False, "User key (see silver/sessions)"),
+        _field(
+            "anchor_key",
+            STRING,
+            False,
+            "What started the wait: the anchor event's event_id, or a hash of the segment change",
+        ),
+        _field("anchor_at", TIMESTAMP, False, "Time of the anchor event or segment change"),
+        _field("due_at", TIMESTAMP, False, "anchor_at + the trigger's delay"),
+        _field("fire_at", TIMESTAMP, False, "due_at, or the end of the quiet hours it fell in"),
+        _field("status", STRING, False, "fired or suppressed"),
+        _field(
+            "reason",
+            STRING,
+            True,
+            "Why suppressed: conditions_not_met, not_in_segment or capped; null when fired",
+        ),
+        _field("definition_version", STRING, False, "Hash of the trigger's definition"),
+        _field("source", STRING, False, "batch (microseg triggers run) or stream"),
+        _field("decided_at", TIMESTAMP, False, "as-of of the run (a stream: its clock)"),
+        _field("run_id", STRING, False, "Run that decided it"),
+    ]
+)
+
+
 DELIVERIES = T.StructType(
     [
         _field("destination_id", STRING, False, "Destination id (conf/destinations.yaml)"),

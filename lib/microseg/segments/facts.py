@@ -119,3 +119,54 @@ def with_facts(features_df: DataFrame, facts_df: DataFrame | None, facts: list[F
         if isinstance(fact, EventCount) and not fact.since_last:
             joined = joined.withColumn(fact.name, F.coalesce(F.col(fact.name), F.lit(0)))
     return joined
+
+
+def facts_at_points(keyed_events_df: DataFrame, facts: list[Fact], points_df: DataFrame):
+    """Facts at a point per row: points_df (point_key, user_key, point_at) with one column per
+    fact from the user's events strictly before point_at, as compute_facts gives them at an
+    as-of (a count without events is 0; a since_last count is null without the anchor event).
+    Streamable facts only (no per-product/session counts). Triggers check their conditions
+    with it at each firing's own time."""
+    if not facts:
+        return points_df
+    events_df = keyed_events_df.select(F.col("user_key").alias("_user"), "event_type", "event_time")
+    point_micros = F.unix_micros("point_at")
+
+    def inside(types, within: timedelta | None) -> Column:
+        out = _type_match(types)
+        if within is not None:
+            start = point_micros - int(within.total_seconds() * 1_000_000)
+            out = out & (F.unix_micros("event_time") >= start)
+        return out
+
+    joined_df = points_df.join(
+        events_df,
+        (F.col("user_key") == F.col("_user")) & (F.col("event_time") < F.col("point_at")),
+        "left",
+    )
+    keys = ["point_key", "user_key", "point_at"]
+    anchors = {
+        f"_anchor_{_digest(repr(f.since_last))[:12]}": f.since_last
+        for f in facts
+        if isinstance(f, EventCount) and f.since_last
+    }
+    first = [
+        F.max(F.when(_type_match(t), F.col("event_time"))).alias(n) for n, t in anchors.items()
+    ]
+    if anchors:
+        joined_df = joined_df.join(joined_df.groupBy("point_key").agg(*first), "point_key")
+    aggs = []
+    for fact in facts:
+        if isinstance(fact, LastTime):
+            aggs.append(
+                F.max(F.when(_type_match(fact.types), F.col("event_time"))).alias(fact.name)
+            )
+        elif fact.since_last:
+            anchor = F.col(f"_anchor_{_digest(repr(fact.since_last))[:12]}")
+            counted = F.count(
+                F.when(inside(fact.types, fact.within) & (F.col("event_time") > anchor), 1)
+            )
+            aggs.append(F.when(F.max(anchor).isNotNull(), counted).alias(fact.name))
+        else:
+            aggs.append(F.count(F.when(inside(fact.types, fact.within), 1)).alias(fact.name))
+    return joined_df.groupBy(*keys).agg(*aggs)

@@ -86,15 +86,22 @@ def _plain(value: Any) -> Any:
 
 
 class _Checker:
-    def __init__(self, path: str, features: dict[str, str], event_types: tuple[str, ...]):
+    def __init__(
+        self,
+        path: str,
+        features: dict[str, str],
+        event_types: tuple[str, ...],
+        kind: str = "segment",
+    ):
         self.path = path
+        self.kind = kind  # what a problem names: "segment 'x'" or "trigger 'x'"
         self.features = features  # name -> kind ("number" or "string")
         self.event_types = event_types
         self.problems: list[str] = []
         self.segment = "?"
 
     def problem(self, line: int, text: str) -> None:
-        self.problems.append(f"{self.path} line {line}: segment '{self.segment}': {text}")
+        self.problems.append(f"{self.path} line {line}: {self.kind} '{self.segment}': {text}")
 
     def line_of(self, mapping: Any, key: str | None = None) -> int:
         if isinstance(mapping, _Located):
@@ -400,17 +407,28 @@ def available_features(cfg: Config) -> dict[str, str]:
     return {f.name: f.kind for f in select_features(cfg.features.include)}
 
 
-def load_segments(cfg: Config, path: str | Path | None = None) -> SegmentCatalog:
-    """Read and check a segment file; SegmentFileError lists every problem found."""
-    path = Path(path or cfg.segments.file)
+def read_rule_yaml(path: Path, setting: str) -> Any:
+    """A rule file (segments, triggers) read with the line of every mapping and key; a
+    missing file, invalid YAML or a repeated key raises SegmentFileError naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"segment file {path} not found (segments.file)")
+        raise FileNotFoundError(f"file {path} not found ({setting})")
     try:
-        raw = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
     except SegmentFileError as exc:
         raise SegmentFileError([f"{path} {p}" for p in exc.problems]) from None
     except yaml.YAMLError as exc:
         raise SegmentFileError([f"{path}: not valid YAML: {exc}"]) from None
+
+
+# the checker of rule conditions, for other rule files (triggers) that embed conditions
+RuleChecker = _Checker
+plain = _plain
+
+
+def load_segments(cfg: Config, path: str | Path | None = None) -> SegmentCatalog:
+    """Read and check a segment file; SegmentFileError lists every problem found."""
+    path = Path(path or cfg.segments.file)
+    raw = read_rule_yaml(path, "segments.file")
     return parse_segments(raw, str(path), available_features(cfg), cfg.ingest.event_types)
 
 

@@ -556,3 +556,32 @@ def print_activate_report(report) -> None:
     for d in report.destinations:
         for error in d.errors[:5]:
             console.print(f"[red]{d.destination_id}[/red] {error} (sent again by the next run)")
+
+
+def print_trigger_report(report) -> None:
+    console.print(
+        f"[bold]triggers[/bold] as of {report.as_of:%Y-%m-%d %H:%M:%S} run={report.run_id} "
+        f"({report.seconds:.1f} s)"
+    )
+    table = Table("trigger", "name", "fired", "conditions not met", "not in segment", "capped")
+    for t in report.triggers:
+        table.add_row(
+            t.trigger_id,
+            t.name,
+            f"{t.fired:,}",
+            *(
+                f"{t.suppressed.get(r, 0):,}"
+                for r in ("conditions_not_met", "not_in_segment", "capped")
+            ),
+        )
+    console.print(table)
+    console.print("decisions are in gold/trigger_firings; a rerun at the same as-of adds none")
+
+
+def print_activation_stream_report(report) -> None:
+    clock = "none" if report.clock is None else f"{report.clock:%Y-%m-%d %H:%M:%S}"
+    console.print(
+        f"[bold]activate --stream[/bold] micro-batches that moved the clock: {report.batches}, "
+        f"clock {clock}, firings {report.fired:,}, changes delivered {report.delivered:,}"
+        + (f", [red]failed {report.failed:,}[/red]" if report.failed else "")
+    )

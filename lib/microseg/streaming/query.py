@@ -303,22 +303,22 @@ def run_stream(
                 )
             )
             if available_now:
-                _await(queries[0], deadline)
+                await_query(queries[0], deadline)
         progress.step("starting the query")
         query = start_stream(spark, cfg, available_now=available_now, sink=sink, gate=gate)
         queries.append(query)
         if available_now:
             progress.step("processing what bronze/events holds")
-            _await(query, deadline)
+            await_query(query, deadline)
             progress.step("writing the membership intervals")
             history = start_history(spark, cfg, sink, available_now=True, gate=gate)
             queries.append(history)
-            _await(history, deadline)
+            await_query(history, deadline)
         else:
             queries.append(start_history(spark, cfg, sink, available_now=False, gate=gate))
             # SIGTERM (lifecycle.stop_requested) or Ctrl-C: stop as at the timeout, and report
             with contextlib.suppress(KeyboardInterrupt):
-                _await_any(spark, queries, deadline, status_of=query)
+                await_any(spark, queries, deadline, status_of=query)
     finally:
         stop_between_batches(queries, gate)
         sink.close()
@@ -340,7 +340,7 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
-def _await(query: StreamingQuery, deadline: float | None) -> None:
+def await_query(query: StreamingQuery, deadline: float | None) -> None:
     """Wait for the query to end or the deadline; raises the query's failure."""
     left = _left(deadline)
     if left is None:
@@ -349,7 +349,7 @@ def _await(query: StreamingQuery, deadline: float | None) -> None:
         query.awaitTermination(left)
 
 
-def _await_any(
+def await_any(
     spark: SparkSession,
     queries: list[StreamingQuery],
     deadline: float | None,
