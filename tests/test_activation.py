@@ -68,6 +68,26 @@ CONSENT = [
 SENT, NO_CONSENT = 34, 6
 
 
+def _interval(user, until=None):
+    return {
+        "user_key": user,
+        "segment_id": "vip",
+        "source": "rule",
+        "scope": "conf/segments.yaml",
+        "definition_version": "v1",
+        "score": None,
+        "valid_from": ENTER,
+        "valid_to": until,
+        "is_current": until is None,
+        "run_id": "r1",
+        "closed_by_run_id": None if until is None else "r2",
+    }
+
+
+# the membership the changes describe: u10..u29 are in vip now
+MEMBERS = [_interval(u, EXIT) for u in USERS[:10]] + [_interval(u) for u in USERS[10:]]
+
+
 def _destinations(tmp, url):
     path = tmp / "destinations.yaml"
     path.write_text(
@@ -88,6 +108,7 @@ destinations:
     path: {tmp / "exports"}
     format: csv
     segments: [vip]
+    snapshot: true
 """
     )
     return path
@@ -100,6 +121,8 @@ def _lake(spark, tmp, url):
     lake.overwrite(spark, root, lake.SEGMENT_CHANGES, changes)
     consent = spark.createDataFrame(CONSENT, schema=schemas.CONSENT)
     lake.overwrite(spark, root, lake.CONSENT, consent)
+    members = spark.createDataFrame(MEMBERS, schema=schemas.SEGMENT_MEMBERSHIP)
+    lake.overwrite(spark, root, lake.SEGMENT_MEMBERSHIP, members)
     return cfg
 
 
@@ -151,19 +174,33 @@ def test_webhook_is_exactly_once_across_failing_requests_and_honours_consent(spa
         exported = (
             spark.read.option("header", True)
             .option("recursiveFileLookup", True)
-            .csv(str(tmp_path / "exports" / "files"))
+            .csv(str(tmp_path / "exports" / "files" / "changes-*"))
         )
         assert exported.count() == SENT
+        # and a snapshot of vip now: u10..u29, of whom u10..u24 consent (u25..u29 do not)
+        assert files.destinations[0].snapshot_rows == 15
+        snapshot = spark.read.option("header", True).csv(
+            str(tmp_path / "exports" / "files" / "snapshot-a3")
+        )
+        assert sorted(r.user_key for r in snapshot.collect()) == USERS[10:25]
         assert sorted(exported.columns) == sorted(
             ["idempotency_key", "user_key", "segment_id", "change", "changed_at"]
         )
 
         # erasing u03 and u26 sends one removal, of u03, to the webhook that had them (u26
-        # was never sent: no consent); `forget` does this first (test_webhook_..._killed)
+        # was never sent: no consent), and rewrites the export without u03's enter and exit;
+        # `forget` does this first (test_webhook_..._killed)
         from microseg.activation.deliver import notify_erasure
 
-        assert notify_erasure(spark, cfg, {"u03", "u26"}) == {"crm": 1}
+        assert notify_erasure(spark, cfg, {"u03", "u26"}) == {"crm": 1, "files": 1}
         assert receiver.removes == ["u03"]
+        exported = (
+            spark.read.option("header", True)
+            .option("recursiveFileLookup", True)
+            .csv(str(tmp_path / "exports" / "files"))
+        )
+        assert exported.count() == SENT - 2 + 15  # the changes without u03's, the snapshot
+        assert exported.filter(F.col("user_key") == "u03").count() == 0
     finally:
         receiver.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -128,7 +127,7 @@ def test_crash_mid_run_then_rerun_completes(spark, tmp_path, crash_at):
     assert lake.read_table(spark, root, lake.INGESTED_FILES).count() == 1
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # tests/test_cluster_submit.py submits through scripts/submit to a real cluster
 def test_spark_submit_runs_the_job(spark, tmp_path):
     settings = [a for s in TEST_SETTINGS for a in ("--set", s)]
     result = subprocess.run(
@@ -263,26 +262,6 @@ def test_segments_validate(spark, tmp_path, capsys):
     assert len(err) == 1  # b's parent is in the file: not reported as unknown
     assert main(job_args(tmp_path, "segments", "run")) == 2
     assert "segments run needs --as-of TIME" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
-    reason="needs root, unshare and ip to cut the network",
-)
-def test_runs_offline_once_the_jars_are_cached(spark, tmp_path):
-    """With the Delta JARs cached (the session fixture made sure), no network is needed."""
-    settings = " ".join(f"--set {s}" for s in TEST_SETTINGS)
-    script = (
-        f"ip link set lo up && {sys.executable} -m microseg ingest --conf conf/local.yaml "
-        f"{settings} --set lake.root={tmp_path / 'lake'} --source taobao "
-        f"--path {DATA / 'taobao-userbehavior-excerpt.csv'}"
-    )
-    result = subprocess.run(
-        ["unshare", "-n", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "2,000" in result.stdout
 
 
 def test_batch_runs_each_line_and_stops_at_the_first_failure(tmp_path, capsys):

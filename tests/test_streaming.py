@@ -822,3 +822,20 @@ def test_segment_changes_go_to_a_kafka_topic_once(spark, kafka, tmp_path):
     assert sorted(keys) == sorted(delivered) and len(keys) == SENT
     sample = json.loads(messages[0].value)
     assert set(sample) == {"idempotency_key", "user_key", "segment_id", "change", "changed_at"}
+
+    # erasing u03 (sent: enter and exit) and u26 (never sent: no consent) adds one removal
+    from microseg.activation.deliver import notify_erasure
+
+    assert notify_erasure(spark, cfg, {"u03", "u26"}) == {"bus": 1}
+    values = [
+        m.value
+        for m in spark.read.format("kafka")
+        .option("kafka.bootstrap.servers", kafka)
+        .option("subscribe", "segment-changes")
+        .option("startingOffsets", "earliest")
+        .load()
+        .selectExpr("CAST(value AS STRING) AS value")
+        .collect()
+    ]
+    assert len(values) == SENT + 1
+    assert '{"remove": {"user_key": "u03"}}' in values

@@ -544,10 +544,13 @@ def _forget(cfg: Config, args: argparse.Namespace) -> int:
         report = run_forget(spark, cfg, ids, request_id=run.run_id)
         verification = None
         if args.verify:
+            from microseg.activation.deliver import export_folders
             from microseg.core import progress
 
-            progress.step("reading every file of the lake for their ids")
-            verification = scan_lake(cfg.lake.root, report.subjects.keys)
+            progress.step("reading every file of the lake and the exports for their ids")
+            verification = scan_lake(
+                cfg.lake.root, report.subjects.keys, also=tuple(export_folders(cfg))
+            )
         record_erasure(spark, cfg, report, verification=verification)
     print_erasure(report, verification)
     return 0 if verification is None or verification.clean else 1

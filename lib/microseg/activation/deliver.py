@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -246,6 +247,7 @@ class DestinationReport:
     failed: int = 0
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
+    snapshot_rows: int | None = None  # a file destination with snapshot: true
 
 
 @dataclass
@@ -319,21 +321,64 @@ def run_activate(
             run_id=run_id,
             now=now,
         )
-        lake.insert_new(
-            spark, root, lake.DELIVERIES, planned, ("destination_id", "idempotency_key")
-        )
-        counts = {
-            r.status: r["count"]
-            for r in lake.read_table(spark, root, lake.DELIVERIES)
-            .filter((F.col("destination_id") == destination.id) & (F.col("run_id") == run_id))
-            .groupBy("status")
-            .count()
-            .collect()
-        }
+        planned = lake.conform(planned, lake.DELIVERIES).persist()
+        try:
+            counts = {r.status: r["count"] for r in planned.groupBy("status").count().collect()}
+            if counts:  # one commit of the new rows (each key inserted once)
+                lake.insert_new(
+                    spark, root, lake.DELIVERIES, planned, ("destination_id", "idempotency_key")
+                )
+        finally:
+            planned.unpersist()
         result.planned = counts.get(PENDING, 0)
         result.no_consent = counts.get(NO_CONSENT, 0)
         _send(spark, root, destination, result)
+        if isinstance(destination, FileExport) and destination.snapshot:
+            result.snapshot_rows = _write_snapshot(
+                spark, root, destination, run_id, history, default, now
+            )
     return report
+
+
+def _write_snapshot(
+    spark: SparkSession,
+    root: str,
+    destination: FileExport,
+    run_id: str,
+    history: DataFrame | None,
+    marketing_default: bool,
+    now: datetime,
+) -> int:
+    """The current members of the destination's segments, one file:
+    `<path>/<id>/snapshot-<run_id>/` (user_key, segment_id, entered_at), with the consent gate
+    of the changes at `now`. Rows written."""
+    if not lake.table_exists(spark, root, lake.SEGMENT_MEMBERSHIP) or not destination.segments:
+        return 0
+    members = (
+        lake.read_table(spark, root, lake.SEGMENT_MEMBERSHIP)
+        .filter(F.col("is_current") & F.col("segment_id").isin(list(destination.segments)))
+        .select("user_key", "segment_id", F.col("valid_from").alias("entered_at"))
+    )
+    if destination.consent == "marketing":
+        points = members.select(
+            "user_key", "segment_id", F.lit(now).cast("timestamp").alias("as_of")
+        )
+        gate = consent_at_points(points, history, "marketing", marketing_default)
+        members = members.join(
+            gate.filter("consent_ok").select("user_key", "segment_id"), ["user_key", "segment_id"]
+        )
+    members = members.orderBy("segment_id", "user_key").persist()
+    try:
+        rows = members.count()
+        writer = members.coalesce(1).write.mode("overwrite")
+        target = f"{destination.path.rstrip('/')}/{destination.id}/snapshot-{run_id}"
+        if destination.format == "csv":
+            writer.option("header", True).csv(target)
+        else:
+            writer.parquet(target)
+    finally:
+        members.unpersist()
+    return rows
 
 
 def _send(spark: SparkSession, root: str, destination, result: DestinationReport) -> None:
@@ -401,19 +446,78 @@ def _send(spark: SparkSession, root: str, destination, result: DestinationReport
             result.errors.append(f"batch {batch_id}: {outcome.error}")
 
 
+@dataclass(frozen=True)
+class _Message:
+    idempotency_key: str
+    payload: str
+
+
+def _erase_key(destination_id: str, user_key: str) -> str:
+    return hashlib.sha256(f"{destination_id}|erase|{user_key}".encode()).hexdigest()[:32]
+
+
+def export_folders(cfg: Config) -> list[str]:
+    """The folders the file destinations write (`<path>/<id>`), for `forget --verify`."""
+    try:
+        destinations = load_destinations(cfg).destinations
+    except FileNotFoundError:
+        return []
+    return [f"{d.path.rstrip('/')}/{d.id}" for d in destinations if isinstance(d, FileExport)]
+
+
+def _erase_from_files(spark: SparkSession, destination: FileExport, user_keys: set[str]) -> int:
+    """Rewrite every export file (changes and snapshots) of the destination that holds one of
+    the people, without their rows. The people found."""
+    base = f"{destination.path.rstrip('/')}/{destination.id}"
+
+    def read(path: str) -> DataFrame:
+        reader = spark.read.option("recursiveFileLookup", True)
+        if destination.format == "csv":  # every column as the text it was written as
+            return reader.option("header", True).csv(path)
+        return reader.parquet(path)
+
+    try:
+        frame = read(base)
+    except AnalysisException:  # nothing exported yet
+        return 0
+    if "user_key" not in frame.columns:
+        return 0
+    wanted = F.col("user_key").isin(sorted(user_keys))
+    hits = frame.filter(wanted).select(F.input_file_name().alias("file"), "user_key").collect()
+    for folder in sorted({h.file.rsplit("/", 1)[0] for h in hits}):
+        # materialized apart from its files, which the overwrite deletes
+        kept = read(folder).filter(~wanted).localCheckpoint(eager=True)
+        writer = kept.coalesce(1).write.mode("overwrite")
+        if destination.format == "csv":
+            writer.option("header", True).csv(folder)
+        else:
+            writer.parquet(folder)
+    return len({h.user_key for h in hits})
+
+
 def notify_erasure(spark: SparkSession, cfg: Config, user_keys: set[str]) -> dict[str, int]:
-    """Before `microseg forget` erases the ledger: every webhook that was sent changes of
-    these people gets a POST of `removes` (one per person; the batch id is a hash of the
-    destination and the people, so a rerun of the forget sends the same batch). Raises when a
-    destination cannot be reached, so the forget stops before erasing and can be re-run.
-    Destination id -> people removed."""
+    """Before `microseg forget` erases the ledger, every destination that had these people
+    hears of it: a webhook that was sent changes of them gets a POST of `removes` (one per
+    person; the batch id is a hash of the destination and the people, so a rerun of the
+    forget sends the same batch); a Kafka topic gets a message `{"remove": {"user_key"}}` per
+    person (key: a hash of destination and person); a file destination's export files that
+    hold them are rewritten without them. Raises when a destination cannot be reached, so the
+    forget stops before erasing and can be re-run. Destination id -> people removed."""
     root = cfg.lake.root
-    if not user_keys or not lake.table_exists(spark, root, lake.DELIVERIES):
+    if not user_keys:
         return {}
     try:
         destinations = {d.id: d for d in load_destinations(cfg).destinations}
     except FileNotFoundError:
         return {}
+    sent = {}
+    for destination in destinations.values():  # every export, whatever the ledger says
+        if isinstance(destination, FileExport):
+            erased = _erase_from_files(spark, destination, user_keys)
+            if erased:
+                sent[destination.id] = erased
+    if not lake.table_exists(spark, root, lake.DELIVERIES):
+        return sent
     had = (
         lake.read_table(spark, root, lake.DELIVERIES)
         .filter(F.col("user_key").isin(sorted(user_keys)) & (F.col("status") == DELIVERED))
@@ -424,11 +528,17 @@ def notify_erasure(spark: SparkSession, cfg: Config, user_keys: set[str]) -> dic
     per_destination: dict[str, set[str]] = {}
     for row in had:
         per_destination.setdefault(row.destination_id, set()).add(row.user_key)
-    sent = {}
     for destination_id, keys in sorted(per_destination.items()):
         destination = destinations.get(destination_id)
+        if isinstance(destination, KafkaTopic):
+            removes = [
+                _Message(_erase_key(destination_id, k), json.dumps({"remove": {"user_key": k}}))
+                for k in sorted(keys)
+            ]
+            _write_kafka(spark, destination, removes)
+            sent[destination_id] = len(keys)
         if not isinstance(destination, Webhook):
-            continue  # file exports: see README, "Destinations"
+            continue
         batch_id = hashlib.sha256(
             "|".join([destination_id, "erase", *sorted(keys)]).encode()
         ).hexdigest()[:32]

@@ -78,6 +78,11 @@ class FileExport(_Destination):
     type: Literal["file"]
     path: str = Field(description="Folder (local or a Hadoop file system URI) of the exports")
     format: Literal["csv", "parquet"] = "csv"
+    snapshot: bool = Field(
+        False,
+        description="Also write each run the current members of its segments: "
+        "<path>/<id>/snapshot-<run id>/ (user_key, segment_id, entered_at), consent-gated",
+    )
 
 
 class KafkaTopic(_Destination):

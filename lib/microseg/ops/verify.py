@@ -1,4 +1,5 @@
-"""`microseg forget --verify`: read every file under the lake root for a person's ids.
+"""`microseg forget --verify`: read every file under the lake root (and the file
+destinations' export folders) for a person's ids.
 
 Nothing is taken on trust from Delta's metadata: every file under the root is read, whether
 a table references it or not (data files, `_change_data/`, deletion vectors, `_delta_log`
@@ -185,19 +186,28 @@ class _Scanner:
         return hits
 
 
-def scan_lake(root: str, ids: set[str]) -> Verification:
-    """Read every file under `root` for any of `ids` (see the module docstring)."""
-    filesystem, base = _filesystem(root)
+def scan_lake(root: str, ids: set[str], *, also: tuple[str, ...] = ()) -> Verification:
+    """Read every file under `root`, and under each folder of `also` (a file destination's
+    exports), for any of `ids` (see the module docstring). Paths under the root are named
+    relative to it, others in full."""
     scanner = _Scanner(ids)
     result = Verification()
-    for info in _files(filesystem, base):
-        relative = info.path[len(base) :].lstrip("/")
-        with filesystem.open_input_stream(info.path) as stream:
-            data = stream.read()
-        result.files += 1
-        result.bytes += len(data)
-        try:
-            result.hits += scanner.in_file(data, relative, result)
-        except (OSError, ValueError, pa.ArrowException, sqlite3.Error, zipfile.BadZipFile) as exc:
-            result.unreadable.append((relative, f"{type(exc).__name__}: {exc}"))
+    for folder, prefix in ((root, ""), *((f, f.rstrip("/") + "/") for f in also)):
+        filesystem, base = _filesystem(folder)
+        for info in _files(filesystem, base):
+            relative = prefix + info.path[len(base) :].lstrip("/")
+            with filesystem.open_input_stream(info.path) as stream:
+                data = stream.read()
+            result.files += 1
+            result.bytes += len(data)
+            try:
+                result.hits += scanner.in_file(data, relative, result)
+            except (
+                OSError,
+                ValueError,
+                pa.ArrowException,
+                sqlite3.Error,
+                zipfile.BadZipFile,
+            ) as exc:
+                result.unreadable.append((relative, f"{type(exc).__name__}: {exc}"))
     return result

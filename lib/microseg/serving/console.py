@@ -554,6 +554,8 @@ def print_activate_report(report) -> None:
         )
     console.print(table)
     for d in report.destinations:
+        if d.snapshot_rows is not None:
+            console.print(f"{d.destination_id}: snapshot of {d.snapshot_rows:,} current members")
         for error in d.errors[:5]:
             console.print(f"[red]{d.destination_id}[/red] {error} (sent again by the next run)")
 
