@@ -224,6 +224,10 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
     assert "e1 (segment recent_buyers, fixed): sample ratio ok" in capsys.readouterr().out
     assert main(job_args(tmp_path, "experiment", "size", "--baseline", "0.1", "--mde", "0.1")) == 0
     assert "14,751 exposed users per variant" in capsys.readouterr().out
+    assert main(job_args(tmp_path, "triggers", "validate")) == 0
+    assert "cart_reminder: on event add_to_cart, delay 0:30:00" in capsys.readouterr().out
+    assert main(job_args(tmp_path, "triggers", "run")) == 2
+    assert "triggers run needs --as-of TIME" in capsys.readouterr().err
     destinations = tmp_path / "destinations.yaml"
     destinations.write_text(
         f"destinations:\n  - id: out\n    type: file\n    path: {tmp_path / 'exports'}\n"

@@ -205,6 +205,15 @@ def _record(spark: SparkSession, root: str, updates: list[dict]) -> None:
     durable(lake.DELIVERIES.name)
 
 
+def _save(frame: DataFrame, destination: FileExport, target: str) -> None:
+    """One file of `frame` at `target` in the destination's format (replacing what is there)."""
+    writer = frame.coalesce(1).write.mode("overwrite")
+    if destination.format == "csv":
+        writer.option("header", True).csv(target)
+    else:
+        writer.parquet(target)
+
+
 def _write_file(spark: SparkSession, destination: FileExport, batch_id: str, rows) -> None:
     """One export file of a batch: `<path>/<destination>/changes-<batch id>` (a rerun of the
     batch replaces it)."""
@@ -212,12 +221,9 @@ def _write_file(spark: SparkSession, destination: FileExport, batch_id: str, row
     fields = ["idempotency_key", *destination.fields]
     schema = ", ".join(f"{f} {'timestamp' if f == 'changed_at' else 'string'}" for f in fields)
     parsed = frame.select(F.from_json("payload", schema).alias("c")).select("c.*")
-    writer = parsed.coalesce(1).write.mode("overwrite")
-    target = f"{destination.path.rstrip('/')}/{destination.id}/changes-{batch_id}"
-    if destination.format == "csv":
-        writer.option("header", True).csv(target)
-    else:
-        writer.parquet(target)
+    _save(
+        parsed, destination, f"{destination.path.rstrip('/')}/{destination.id}/changes-{batch_id}"
+    )
 
 
 def _write_kafka(spark: SparkSession, destination: KafkaTopic, rows) -> None:
@@ -370,12 +376,11 @@ def _write_snapshot(
     members = members.orderBy("segment_id", "user_key").persist()
     try:
         rows = members.count()
-        writer = members.coalesce(1).write.mode("overwrite")
-        target = f"{destination.path.rstrip('/')}/{destination.id}/snapshot-{run_id}"
-        if destination.format == "csv":
-            writer.option("header", True).csv(target)
-        else:
-            writer.parquet(target)
+        _save(
+            members,
+            destination,
+            f"{destination.path.rstrip('/')}/{destination.id}/snapshot-{run_id}",
+        )
     finally:
         members.unpersist()
     return rows
@@ -486,12 +491,7 @@ def _erase_from_files(spark: SparkSession, destination: FileExport, user_keys: s
     hits = frame.filter(wanted).select(F.input_file_name().alias("file"), "user_key").collect()
     for folder in sorted({h.file.rsplit("/", 1)[0] for h in hits}):
         # materialized apart from its files, which the overwrite deletes
-        kept = read(folder).filter(~wanted).localCheckpoint(eager=True)
-        writer = kept.coalesce(1).write.mode("overwrite")
-        if destination.format == "csv":
-            writer.option("header", True).csv(folder)
-        else:
-            writer.parquet(folder)
+        _save(read(folder).filter(~wanted).localCheckpoint(eager=True), destination, folder)
     return len({h.user_key for h in hits})
 
 

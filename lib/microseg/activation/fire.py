@@ -107,7 +107,10 @@ def candidates_frame(trigger: Trigger, anchors_df: DataFrame, as_of: datetime) -
     """(user_key, anchor_key, anchor_at, due_at, fire_at): the candidates decidable at as_of."""
     delay = _micros(trigger.delay)
     t = F.unix_micros("anchor_at")
-    out = anchors_df
+    # a candidate fires within a day of its due time (quiet hours last less than a day), and
+    # only the ones due in the lookback are decided: older anchors cannot matter
+    earliest = as_of - trigger.lookback - trigger.delay - timedelta(days=1)
+    out = anchors_df.filter(F.col("anchor_at") > F.lit(earliest))
     if delay > 0:
         later = Window.partitionBy("user_key").orderBy(t).rangeBetween(1, Window.unboundedFollowing)
         out = out.withColumn("_next", F.min(t).over(later)).filter(

@@ -8,9 +8,10 @@ micro-batch
 1. decides the triggers as of the clock (activation.fire.run_triggers, source `stream`: the
    same function as `microseg triggers run`, so a batch run at the same as-of decides the same
    rows; each candidate is decided once, by whichever comes first), then
-2. runs the destinations (activation.deliver.run_activate): new segment changes (of the
-   batch job and of `microseg stream`) and new firings go out through the delivery ledger,
-   exactly once per destination and change.
+2. runs the destinations (activation.deliver.run_activate) when gold/segment_changes or
+   gold/trigger_firings has a new version since it last did, or a delivery failed: new
+   segment changes (of the batch job and of `microseg stream`) and new firings go out
+   through the delivery ledger, exactly once per destination and change.
 
 Checkpoint: `<stream.checkpoint>_activation`. The clock starts from the latest `decided_at` of
 the stream's own rows in gold/trigger_firings, so a restart does not move it back. A replayed
@@ -52,6 +53,7 @@ class ActivationStreamReport:
     clock: datetime | None = None
     fired: int = 0
     delivered: int = 0
+    no_consent: int = 0
     failed: int = 0
     triggers: list[TriggerReport] = field(default_factory=list)
 
@@ -84,6 +86,7 @@ def run_activation_stream(
     report = ActivationStreamReport(clock=_start_clock(spark, root))
     has_triggers = Path(triggers_path or cfg.triggers.file).is_file()
     has_destinations = Path(destinations_path or cfg.destinations.file).is_file()
+    sent_versions: list[tuple | None] = [None]  # of the change tables at the last delivery
 
     def write(batch_df: DataFrame, batch_id: int) -> None:
         latest = batch_df.agg(F.max("event_time").alias("t")).first().t
@@ -99,12 +102,21 @@ def run_activation_stream(
             )
             report.triggers.append(decided)
             report.fired += decided.fired
-        if has_destinations:
+        # the destinations only when there can be something new to send
+        versions = tuple(
+            lake.table_version(spark, root, t) for t in (lake.SEGMENT_CHANGES, lake.TRIGGER_FIRINGS)
+        )
+        if has_destinations and versions != sent_versions[0]:
+            sent_versions[0] = versions
             sent: ActivateReport = run_activate(
                 spark, cfg, run_id=f"{run_id}-{batch_id}", path=destinations_path
             )
             report.delivered += sum(d.delivered for d in sent.destinations)
-            report.failed += sum(d.failed for d in sent.destinations)
+            report.no_consent += sum(d.no_consent for d in sent.destinations)
+            failed = sum(d.failed for d in sent.destinations)
+            report.failed += failed
+            if failed:  # sent again at the next micro-batch
+                sent_versions[0] = None
         report.clock = clock
 
     gate = BatchGate()

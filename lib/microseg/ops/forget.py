@@ -209,11 +209,15 @@ def erase_clauses(table: lake.Table) -> tuple[str, str, dict[str, str]]:
 def _erase_table(spark: SparkSession, root: str, table: lake.Table, source_df) -> int:
     match, delete, updates = erase_clauses(table)
     target = DeltaTable.forPath(spark, lake.table_path(root, table))
+    before = target.history(1).first()["version"]
     merge = target.alias("t").merge(source_df.alias("s"), match).whenMatchedDelete(delete)
     if updates:
         merge = merge.whenMatchedUpdate(set=updates)
     merge.execute()
-    metrics = target.history(1).first()["operationMetrics"] or {}
+    last = target.history(1).first()
+    if last["version"] == before:  # nothing matched: Delta made no commit
+        return 0
+    metrics = last["operationMetrics"] or {}
     return int(metrics.get("numTargetRowsDeleted") or 0) + int(
         metrics.get("numTargetRowsUpdated") or 0
     )

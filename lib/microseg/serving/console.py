@@ -584,6 +584,7 @@ def print_activation_stream_report(report) -> None:
     clock = "none" if report.clock is None else f"{report.clock:%Y-%m-%d %H:%M:%S}"
     console.print(
         f"[bold]activate --stream[/bold] micro-batches that moved the clock: {report.batches}, "
-        f"clock {clock}, firings {report.fired:,}, changes delivered {report.delivered:,}"
+        f"clock {clock}, firings {report.fired:,}, changes delivered {report.delivered:,}, "
+        f"not sent for want of marketing consent {report.no_consent:,}"
         + (f", [red]failed {report.failed:,}[/red]" if report.failed else "")
     )
