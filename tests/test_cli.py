@@ -224,6 +224,27 @@ def test_pipeline_commands_in_process(spark, tmp_path, capsys):
     assert "e1 (segment recent_buyers, fixed): sample ratio ok" in capsys.readouterr().out
     assert main(job_args(tmp_path, "experiment", "size", "--baseline", "0.1", "--mde", "0.1")) == 0
     assert "14,751 exposed users per variant" in capsys.readouterr().out
+    # a preview of a changed file publishes nothing: recent_buyers as published (the 22
+    # buyers), and a new segment of the 10 users with 2 or more `buy` rows in the file
+    # (awk -F, '$4=="buy"' | count per user), all of them recent buyers
+    preview = tmp_path / "preview.yaml"
+    preview.write_text(
+        "segments:\n  - id: recent_buyers\n    name: Recent buyers\n"
+        "    conditions: [{last: purchase, within: 30d}]\n"
+        "  - id: repeat_buyers\n    name: Repeat buyers\n"
+        "    conditions: [{event: purchase, at_least: 2}]\n"
+    )
+    assert main(job_args(tmp_path, "segments", "preview", str(preview))) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # long lines wrap at the console's width
+    assert "as of 2017-12-04 00:00:00 (30 users; nothing published)" in flat
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    cells = [c.strip() for c in rows["recent_buyers"].split("│")[2:8]]
+    assert cells == ["active", "22", "22", "22", "22", "0"]
+    cells = [c.strip() for c in rows["repeat_buyers"].split("│")[2:8]]
+    assert cells == ["active", "10", "10", "-", "0", "10"]
+    assert "repeat_buyers: shares most with recent_buyers (10)," in flat
+    assert "members such as 999478, 999479, 999482, 99950, 999520" in flat
     assert main(job_args(tmp_path, "triggers", "validate")) == 0
     assert "cart_reminder: on event add_to_cart, delay 0:30:00" in capsys.readouterr().out
     assert main(job_args(tmp_path, "triggers", "run")) == 2

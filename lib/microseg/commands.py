@@ -181,12 +181,16 @@ def _features(cfg: Config, args: argparse.Namespace) -> int:
 def _segments_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action",
-        choices=("run", "validate", "show"),
+        choices=("run", "validate", "show", "preview"),
         help="run: publish members as of --as-of; validate: check the segment file; "
-        "show ID: a segment's definition, version and history",
+        "show ID: a segment's definition, version and history; preview FILE: sizes, overlaps "
+        "and sample members of a segment file at the newest snapshot (or --as-of), "
+        "publishing nothing",
     )
-    parser.add_argument("segment_id", nargs="?", help="segment id (for show)")
-    parser.add_argument("--as-of", type=_as_of, help="point in time (for run)")
+    parser.add_argument(
+        "segment_id", nargs="?", help="segment id (for show), segment file (for preview)"
+    )
+    parser.add_argument("--as-of", type=_as_of, help="point in time (run; preview)")
     parser.add_argument("--file", help="segment file (default: segments.file)")
 
 
@@ -199,6 +203,8 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("segments run needs --as-of TIME")
     if args.action == "show" and not args.segment_id:
         raise ConfigError("segments show needs a segment id")
+    if args.action == "preview":
+        args.file = args.segment_id or args.file
     try:
         catalog = load_segments(cfg, args.file)
         if args.action == "validate":
@@ -221,6 +227,11 @@ def _segments(cfg: Config, args: argparse.Namespace) -> int:
                 f"(ids: {', '.join(catalog.ids())})"
             ) from None
         report.print_segment(spark, cfg, catalog, args.segment_id)
+        return 0
+    if args.action == "preview":
+        from microseg.segments.preview import preview_segments
+
+        report.print_segment_preview(preview_segments(spark, cfg, catalog.path, as_of=args.as_of))
         return 0
     from microseg.ops.forget import recorded_job
 

@@ -37,6 +37,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from microseg.activation.fire import FIRED
 from microseg.activation.model import (
     CHANGE_FIELDS,
     Destination,
@@ -270,9 +271,7 @@ def activation_changes(spark: SparkSession, root: str) -> DataFrame | None:
     if lake.table_exists(spark, root, lake.SEGMENT_CHANGES):
         parts.append(lake.read_table(spark, root, lake.SEGMENT_CHANGES).select(*CHANGE_FIELDS))
     if lake.table_exists(spark, root, lake.TRIGGER_FIRINGS):
-        fired = lake.read_table(spark, root, lake.TRIGGER_FIRINGS).filter(
-            F.col("status") == "fired"
-        )
+        fired = lake.read_table(spark, root, lake.TRIGGER_FIRINGS).filter(F.col("status") == FIRED)
         parts.append(
             fired.select(
                 "user_key",

@@ -155,35 +155,30 @@ def _conditions_hold(trigger: Trigger, candidates_df: DataFrame, keyed_df: DataF
     """candidates_df with `_holds`: the trigger's conditions at fire_at."""
     if trigger.condition is None:
         return candidates_df.withColumn("_holds", F.lit(True))
-    points = candidates_df.select(
-        F.col("anchor_key").alias("point_key"), "user_key", F.col("fire_at").alias("point_at")
+    facts_df = facts_at_points(
+        keyed_df, trigger.facts, candidates_df, key="anchor_key", at="fire_at"
     )
-    facts_df = facts_at_points(keyed_df, trigger.facts, points)
-    holds = facts_df.select(
-        F.col("point_key").alias("anchor_key"),
-        "user_key",
-        compile_condition(trigger.condition, F.col("point_at")).alias("_holds"),
-    )
-    return candidates_df.join(holds, ["user_key", "anchor_key"])
+    holds = compile_condition(trigger.condition, F.col("fire_at"))
+    return facts_df.select(*candidates_df.columns, holds.alias("_holds"))
 
 
-def _capped(trigger: Trigger, eligible_df: DataFrame, fired_before: DataFrame | None):
-    """The anchor keys of the eligible candidates that the cap lets fire, with user_key."""
+def _capped(trigger: Trigger, checked_df: DataFrame, fired_before: DataFrame | None, as_of):
+    """checked_df with `_allowed`: whether the cap lets an eligible candidate fire (null for
+    the others). A fold per user over the eligible candidates and the earlier firings that can
+    count (fire_at in the cap's period before the lookback), in time order."""
     assert trigger.cap is not None
-    new = eligible_df.select(
-        "user_key",
-        F.unix_micros("fire_at").alias("_t"),
-        F.lit(1).alias("_new"),
-        "anchor_key",
-    )
-    items = new
-    if fired_before is not None:
-        before = fired_before.join(new.select("user_key").distinct(), "user_key").select(
-            "user_key", F.unix_micros("fire_at").alias("_t"), F.lit(0).alias("_new"), "anchor_key"
-        )
-        items = items.unionByName(before)
     per, count = _micros(trigger.cap.per), trigger.cap.count
-    # a fold in time order: the accepted times so far, and the new keys accepted
+    rows = checked_df.withColumn("_new", F.lit(1))
+    if fired_before is not None:
+        earliest = as_of - trigger.lookback - trigger.cap.per
+        before = fired_before.filter(F.col("fire_at") > F.lit(earliest)).select(
+            "user_key", "anchor_key", "fire_at", F.lit(0).alias("_new")
+        )
+        rows = rows.unionByName(before, allowMissingColumns=True)
+    item = F.struct(F.unix_micros("fire_at").alias("_t"), "_new", "anchor_key")
+    counted = (F.col("_new") == 0) | (F.col("_member") & F.col("_holds"))
+    items = F.array_sort(F.collect_list(F.when(counted, item)).over(Window.partitionBy("user_key")))
+    # the accepted times so far, and the keys of the new ones accepted
     fold = F.expr(
         "aggregate(_items, named_struct('times', cast(array() as array<bigint>), "
         "'keys', cast(array() as array<string>)), (acc, x) -> CASE "
@@ -194,11 +189,12 @@ def _capped(trigger: Trigger, eligible_df: DataFrame, fired_before: DataFrame | 
         "'keys', concat(acc.keys, array(x.anchor_key))) "
         "ELSE acc END).keys"
     )
+    allowed = F.when(F.array_contains(fold, F.col("anchor_key")), F.lit(True))
     return (
-        items.groupBy("user_key")
-        .agg(F.array_sort(F.collect_list(F.struct("_t", "_new", "anchor_key"))).alias("_items"))
-        .select("user_key", F.explode(fold).alias("anchor_key"))
-        .withColumn("_allowed", F.lit(True))
+        rows.withColumn("_items", items)
+        .filter(F.col("_new") == 1)
+        .withColumn("_allowed", allowed)
+        .drop("_items", "_new")
     )
 
 
@@ -230,11 +226,9 @@ def decide(
     else:
         checked = checked.withColumn("_member", F.lit(True))
     checked = _conditions_hold(trigger, checked, keyed_df)
-    eligible = F.col("_member") & F.col("_holds")
     if trigger.cap is not None:
         fired_before = None if mine is None else mine.filter(F.col("status") == FIRED)
-        allowed = _capped(trigger, checked.filter(eligible), fired_before)
-        checked = checked.join(allowed, ["user_key", "anchor_key"], "left")
+        checked = _capped(trigger, checked, fired_before, as_of)
     else:
         checked = checked.withColumn("_allowed", F.lit(True))
     reason = (

@@ -245,6 +245,37 @@ def with_marketing_consent(spark, cfg: Config, catalog, flags_df, as_of: datetim
     return joined_df.drop("_marketing_ok")
 
 
+def rule_flags(spark: SparkSession, cfg: Config, catalog: SegmentCatalog, as_of: datetime):
+    """user_key and a flag per segment (`_m_<id>`) for every user of the feature snapshot at
+    as_of: the rules evaluated on the features and the facts from events before as_of, with
+    the marketing consent requirement applied."""
+    root = cfg.lake.root
+    features_df = snapshots.snapshot(spark, root, as_of)
+    check_sql(catalog, features_df)
+    facts = catalog.facts()
+    facts_df = None
+    if facts:
+        keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of)
+        facts_df = compute_facts(
+            keyed_df,
+            facts,
+            as_of=as_of,
+            inactivity_timeout=cfg.sessions.inactivity_timeout,
+            max_session_length=cfg.sessions.max_session_length,
+        )
+    frame_df = with_facts(features_df, facts_df, facts)
+    return with_marketing_consent(spark, cfg, catalog, evaluate(catalog, frame_df, as_of), as_of)
+
+
+def match_counts(catalog: SegmentCatalog, flags_df: DataFrame) -> tuple[int, dict[str, int]]:
+    """(users, segment id -> users matching its rule)."""
+    counts = flags_df.agg(
+        F.count(F.lit(1)).alias("_users"),
+        *[F.count(F.when(F.col(_flag(s.id)), 1)).alias(s.id) for s in catalog.segments],
+    ).first()
+    return counts["_users"], {s.id: counts[s.id] for s in catalog.segments}
+
+
 def run_segments(
     spark: SparkSession,
     cfg: Config,
@@ -260,30 +291,9 @@ def run_segments(
     run_id = run_id or new_run_id()
     catalog = load_segments(cfg, path)
     scope = Scope(SOURCE, catalog.name)
-    features_df = snapshots.snapshot(spark, root, as_of)
-    check_sql(catalog, features_df)
-    facts = catalog.facts()
-    facts_df = None
-    if facts:
-        keyed_df = keyed_events_before(lake.read_table(spark, root, lake.EVENTS), as_of)
-        facts_df = compute_facts(
-            keyed_df,
-            facts,
-            as_of=as_of,
-            inactivity_timeout=cfg.sessions.inactivity_timeout,
-            max_session_length=cfg.sessions.max_session_length,
-        )
-    frame_df = with_facts(features_df, facts_df, facts)
-    flags_df = with_marketing_consent(
-        spark, cfg, catalog, evaluate(catalog, frame_df, as_of), as_of
-    ).persist()
+    flags_df = rule_flags(spark, cfg, catalog, as_of).persist()
     try:
-        counts = flags_df.agg(
-            F.count(F.lit(1)).alias("_users"),
-            *[F.count(F.when(F.col(_flag(s.id)), 1)).alias(s.id) for s in catalog.segments],
-        ).first()
-        users = counts["_users"]
-        matched = {s.id: counts[s.id] for s in catalog.segments}
+        users, matched = match_counts(catalog, flags_df)
         statuses = guard(catalog, matched, users)
         members_df = assign(catalog, flags_df, statuses)
         stats = membership.write_membership(

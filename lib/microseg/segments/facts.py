@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from microseg.segments.model import PER, EventCount, Fact, LastTime, _digest
@@ -121,16 +121,18 @@ def with_facts(features_df: DataFrame, facts_df: DataFrame | None, facts: list[F
     return joined
 
 
-def facts_at_points(keyed_events_df: DataFrame, facts: list[Fact], points_df: DataFrame):
-    """Facts at a point per row: points_df (point_key, user_key, point_at) with one column per
-    fact from the user's events strictly before point_at, as compute_facts gives them at an
-    as-of (a count without events is 0; a since_last count is null without the anchor event).
-    Streamable facts only (no per-product/session counts). Triggers check their conditions
-    with it at each firing's own time."""
+def facts_at_points(
+    keyed_events_df: DataFrame, facts: list[Fact], points_df: DataFrame, *, key: str, at: str
+) -> DataFrame:
+    """Facts at a point per row: points_df (one row per `key`, with user_key and the point's
+    time in column `at`) with one column per fact from the user's events strictly before it, as
+    compute_facts gives them at an as-of (a count without events is 0; a since_last count is
+    null without the anchor event). Streamable facts only (no per-product/session counts).
+    Triggers check their conditions with it at each firing's own time."""
     if not facts:
         return points_df
     events_df = keyed_events_df.select(F.col("user_key").alias("_user"), "event_type", "event_time")
-    point_micros = F.unix_micros("point_at")
+    point_micros = F.unix_micros(at)
 
     def inside(types, within: timedelta | None) -> Column:
         out = _type_match(types)
@@ -141,20 +143,18 @@ def facts_at_points(keyed_events_df: DataFrame, facts: list[Fact], points_df: Da
 
     joined_df = points_df.join(
         events_df,
-        (F.col("user_key") == F.col("_user")) & (F.col("event_time") < F.col("point_at")),
+        (F.col("user_key") == F.col("_user")) & (F.col("event_time") < F.col(at)),
         "left",
     )
-    keys = ["point_key", "user_key", "point_at"]
     anchors = {
         f"_anchor_{_digest(repr(f.since_last))[:12]}": f.since_last
         for f in facts
         if isinstance(f, EventCount) and f.since_last
     }
-    first = [
-        F.max(F.when(_type_match(t), F.col("event_time"))).alias(n) for n, t in anchors.items()
-    ]
-    if anchors:
-        joined_df = joined_df.join(joined_df.groupBy("point_key").agg(*first), "point_key")
+    point = Window.partitionBy(key)  # the grouping below reuses this partitioning
+    for name, types in anchors.items():
+        last = F.max(F.when(_type_match(types), F.col("event_time"))).over(point)
+        joined_df = joined_df.withColumn(name, last)
     aggs = []
     for fact in facts:
         if isinstance(fact, LastTime):
@@ -169,4 +169,4 @@ def facts_at_points(keyed_events_df: DataFrame, facts: list[Fact], points_df: Da
             aggs.append(F.when(F.max(anchor).isNotNull(), counted).alias(fact.name))
         else:
             aggs.append(F.count(F.when(inside(fact.types, fact.within), 1)).alias(fact.name))
-    return joined_df.groupBy(*keys).agg(*aggs)
+    return joined_df.groupBy(*points_df.columns).agg(*aggs)

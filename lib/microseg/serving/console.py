@@ -588,3 +588,33 @@ def print_activation_stream_report(report) -> None:
         f"not sent for want of marketing consent {report.no_consent:,}"
         + (f", [red]failed {report.failed:,}[/red]" if report.failed else "")
     )
+
+
+def print_segment_preview(report) -> None:
+    console.print(
+        f"[bold]segments preview[/bold] {report.path} as of {report.as_of:%Y-%m-%d %H:%M:%S} "
+        f"({report.users:,} users; nothing published)"
+    )
+    table = Table("segment", "status", "matched", "size", "now", "kept", "new")
+    for s in report.segments:
+        now = "-" if s.published is None else f"{s.published:,}"
+        table.add_row(
+            s.segment_id,
+            s.status,
+            f"{s.matched:,}",
+            f"{s.size:,}",
+            now,
+            f"{s.kept:,}",
+            f"{s.size - s.kept:,}",
+        )
+    console.print(table)
+    console.print(
+        "now: current members of the same id (any source); kept: of the preview's members, "
+        "those already in it; new: the others"
+    )
+    for s in report.segments:
+        shared = ", ".join(f"{o} ({n:,})" for o, n in s.overlaps) or "no current segment"
+        line = f"{s.segment_id}: shares most with {shared}"
+        if s.sample:
+            line += f"; members such as {', '.join(s.sample)}"
+        console.print(line + (f"; {s.status_reason}" if s.status_reason else ""))
