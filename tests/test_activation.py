@@ -12,6 +12,7 @@ from datetime import datetime
 import pytest
 from pyspark.sql import functions as F
 from tests.conftest import ROOT, TEST_KEY, TEST_SETTINGS, make_config
+from tests.test_experiments import _membership
 from tests.webhook_receiver import Receiver
 
 from microseg.activation.deliver import run_activate
@@ -68,24 +69,9 @@ CONSENT = [
 SENT, NO_CONSENT = 34, 6
 
 
-def _interval(user, until=None):
-    return {
-        "user_key": user,
-        "segment_id": "vip",
-        "source": "rule",
-        "scope": "conf/segments.yaml",
-        "definition_version": "v1",
-        "score": None,
-        "valid_from": ENTER,
-        "valid_to": until,
-        "is_current": until is None,
-        "run_id": "r1",
-        "closed_by_run_id": None if until is None else "r2",
-    }
-
-
 # the membership the changes describe: u10..u29 are in vip now
-MEMBERS = [_interval(u, EXIT) for u in USERS[:10]] + [_interval(u) for u in USERS[10:]]
+MEMBERS = [_membership(u, ENTER, EXIT, "vip") for u in USERS[:10]]
+MEMBERS += [_membership(u, ENTER, segment="vip") for u in USERS[10:]]
 
 
 def _destinations(tmp, url):

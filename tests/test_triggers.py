@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 import pytest
 from tests.conftest import make_config
 from tests.test_activation import _change
+from tests.test_experiments import _membership
 from tests.test_sessions import T0, ev, write_bronze
 
 from microseg.activation.fire import run_triggers
@@ -97,26 +98,10 @@ EXPECTED = sorted(
 )
 
 
-def _interval(user, start, end=None, segment="vip"):
-    return {
-        "user_key": user,
-        "segment_id": segment,
-        "source": "rule",
-        "scope": "segments",
-        "definition_version": "v1",
-        "score": None,
-        "valid_from": start,
-        "valid_to": end,
-        "is_current": end is None,
-        "run_id": "r",
-        "closed_by_run_id": None if end is None else "r",
-    }
-
-
 # vip: u5 enters at 100 and leaves at 130 (before the 1 h delay is up); u6 enters at 100
 VIP_CHANGES = [_change("u5", "enter", t(100)), _change("u5", "exit", t(130))]
 VIP_CHANGES += [_change("u6", "enter", t(100))]
-VIP_INTERVALS = [_interval("u5", t(100), t(130)), _interval("u6", t(100))]
+VIP_INTERVALS = [_membership("u5", t(100), t(130), "vip"), _membership("u6", t(100), segment="vip")]
 
 
 def trigger_lake(spark, tmp_path, *overrides, events=True):

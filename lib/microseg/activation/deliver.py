@@ -37,7 +37,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from microseg.activation.fire import FIRED
+from microseg.activation.fire import FIRED, hash_key
 from microseg.activation.model import (
     CHANGE_FIELDS,
     Destination,
@@ -54,10 +54,6 @@ from microseg.silver.consent import consent_at_points, read_history
 PENDING, DELIVERED, FAILED, NO_CONSENT = "pending", "delivered", "failed", "no_consent"
 TRIGGER = "trigger"  # the change of a trigger firing
 _RETRY_STATUS = {408, 425, 429}
-
-
-def _key(*parts) -> F.Column:
-    return F.substring(F.sha2(F.concat_ws("|", *parts), 256), 1, 32)
 
 
 def plan_rows(
@@ -77,7 +73,7 @@ def plan_rows(
     )
     rows = changes.filter(wanted).withColumn(
         "idempotency_key",
-        _key(
+        hash_key(
             F.lit(destination.id),
             "user_key",
             "segment_id",
@@ -116,7 +112,7 @@ def plan_rows(
         "segment_id",
         "change",
         "changed_at",
-        F.when(F.col("consent_ok"), _key(F.lit(destination.id), F.lit(run_id), number))
+        F.when(F.col("consent_ok"), hash_key(F.lit(destination.id), F.lit(run_id), number))
         .otherwise(F.lit(None))
         .alias("batch_id"),
         F.when(F.col("consent_ok"), payload).alias("payload"),

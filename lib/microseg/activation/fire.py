@@ -41,16 +41,14 @@ from microseg.core.config import Config
 from microseg.features.user_features import keyed_events_before
 from microseg.segments.compile import compile_condition
 from microseg.segments.facts import facts_at_points
+from microseg.streaming.state import micros
 
 FIRED, SUPPRESSED = "fired", "suppressed"
 _DAY_MICROS = 86_400_000_000
 
 
-def _micros(delta: timedelta) -> int:
-    return int(delta.total_seconds() * 1_000_000)
-
-
-def _key(*parts) -> Column:
+def hash_key(*parts) -> Column:
+    """A 32-hex-digit key of the columns' values (the same on every run)."""
     return F.substring(F.sha2(F.concat_ws("|", *parts), 256), 1, 32)
 
 
@@ -66,7 +64,7 @@ def anchors_frame(
         )
         return enters.select(
             "user_key",
-            _key(
+            hash_key(
                 "user_key",
                 "segment_id",
                 "source",
@@ -105,7 +103,7 @@ def quiet_fire_at(due: Column, quiet: QuietHours | None) -> Column:
 
 def candidates_frame(trigger: Trigger, anchors_df: DataFrame, as_of: datetime) -> DataFrame:
     """(user_key, anchor_key, anchor_at, due_at, fire_at): the candidates decidable at as_of."""
-    delay = _micros(trigger.delay)
+    delay = micros(trigger.delay)
     t = F.unix_micros("anchor_at")
     # a candidate fires within a day of its due time (quiet hours last less than a day), and
     # only the ones due in the lookback are decided: older anchors cannot matter
@@ -167,7 +165,7 @@ def _capped(trigger: Trigger, checked_df: DataFrame, fired_before: DataFrame | N
     the others). A fold per user over the eligible candidates and the earlier firings that can
     count (fire_at in the cap's period before the lookback), in time order."""
     assert trigger.cap is not None
-    per, count = _micros(trigger.cap.per), trigger.cap.count
+    per, count = micros(trigger.cap.per), trigger.cap.count
     rows = checked_df.withColumn("_new", F.lit(1))
     if fired_before is not None:
         earliest = as_of - trigger.lookback - trigger.cap.per

@@ -325,15 +325,8 @@ def parse_triggers(
     raw: Any, path: str, features: dict[str, str], event_types: tuple[str, ...]
 ) -> TriggerFile:
     checker = _TriggerChecker(path, features, event_types, kind="trigger")
-    if not isinstance(raw, dict) or not isinstance(raw.get("triggers"), list):
-        raise SegmentFileError([f"{path}: expected a mapping with a `triggers:` list"])
-    for key in raw:
-        if key != "triggers":
-            raise SegmentFileError(
-                [f"{path} line {checker.line_of(raw, key)}: unknown top-level key '{key}'"]
-            )
     triggers: dict[str, Trigger] = {}
-    for i, item in enumerate(raw["triggers"]):
+    for i, item in enumerate(checker.top_level(raw, "triggers")):
         trigger = checker.trigger_of(item, i)
         if trigger is None:
             continue

@@ -100,6 +100,18 @@ class _Checker:
         self.problems: list[str] = []
         self.segment = "?"
 
+    def top_level(self, raw: Any, key: str) -> list:
+        """The file's one top-level list, `key:`; SegmentFileError when the file is not that."""
+        if not isinstance(raw, dict) or not isinstance(raw.get(key), list):
+            raise SegmentFileError([f"{self.path}: expected a mapping with a `{key}:` list"])
+        for other in raw:
+            if other != key:
+                line = self.line_of(raw, other)
+                raise SegmentFileError(
+                    [f"{self.path} line {line}: unknown top-level key '{other}'"]
+                )
+        return raw[key]
+
     def problem(self, line: int, text: str) -> None:
         self.problems.append(f"{self.path} line {line}: {self.kind} '{self.segment}': {text}")
 
@@ -436,13 +448,7 @@ def parse_segments(
     raw: Any, path: str, features: dict[str, str], event_types: tuple[str, ...]
 ) -> SegmentCatalog:
     checker = _Checker(path, features, event_types)
-    if not isinstance(raw, dict) or not isinstance(raw.get("segments"), list):
-        raise SegmentFileError([f"{path}: expected a mapping with a `segments:` list"])
-    for key in raw:
-        if key != "segments":
-            raise SegmentFileError(
-                [f"{path} line {checker.line_of(raw, key)}: unknown top-level key '{key}'"]
-            )
+    checker.top_level(raw, "segments")
     parsed = [checker.segment_of(item, i) for i, item in enumerate(raw["segments"])]
     segments = {}
     for segment in parsed:
