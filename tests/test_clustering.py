@@ -19,6 +19,8 @@ import re
 from datetime import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyspark.ml import PipelineModel
 from pyspark.ml.clustering import KMeansModel
 from pyspark.ml.feature import StandardScalerModel, VectorAssembler
@@ -30,8 +32,8 @@ from microseg.core.config import ConfigError
 from microseg.ml.clustering.fit import fit_clusters
 from microseg.ml.clustering.jobs import assign_clusters, train_clusters
 from microseg.ml.clustering.matching import match_clusters, match_distances
-from microseg.ml.clustering.naming import name_cluster, unique_name
-from microseg.ml.clustering.pipeline import check_config, fill_rules
+from microseg.ml.clustering.naming import name_cluster, still_holds, unique_name
+from microseg.ml.clustering.pipeline import check_config, fill_rules, population
 from microseg.ml.clustering.quality import adjusted_rand_index, persona_ari
 from microseg.ml.clustering.steps import ClusterLabeler, FillMissing, Log1p
 
@@ -52,6 +54,7 @@ SETTINGS = (
     "cluster.log_features=[revenue_lifetime]",
     "cluster.k_min=2",
     "cluster.k_max=4",
+    "cluster.population.active_within_days=null",  # the hand-made rows have no recency
 )
 COLUMNS = (
     "user_key string, orders_lifetime int, revenue_lifetime double, sessions_90d int, "
@@ -253,21 +256,34 @@ def test_names_follow_the_rules_and_stay_unique():
         ({"tenure_days": -1.4, "orders_lifetime": 0.2}, {}, "New visitors"),
         (
             {"days_since_last_event": 1.2, "revenue_lifetime": 0.9, "tenure_days": 0.3},
-            {},
+            {"orders_lifetime": 1.4},
             "Lapsed high spenders",
         ),
         # spend is revenue when the model has it, else average order value
         (
             {"days_since_last_event": 1.2, "revenue_lifetime": 0.1, "avg_order_value_lifetime": 2},
-            {},
+            {"orders_lifetime": 1.0},
             "Lapsed customers",
         ),
+        # gone, but most never bought: not customers
+        ({"days_since_last_event": 2.0}, {"orders_lifetime": 0.1}, "Lapsed visitors"),
         (
             {"orders_lifetime": 2.1, "avg_order_value_lifetime": 1.1},
             {"orders_lifetime": 13.0},
             "High-value frequent buyers",
         ),
-        ({"orders_lifetime": 1.5, "revenue_lifetime": 0.2}, {}, "Frequent buyers"),
+        (
+            {"orders_lifetime": 1.5, "revenue_lifetime": 0.2},
+            {"orders_lifetime": 4.0},
+            "Frequent buyers",
+        ),
+        # recent and +3.4 standard deviations of orders: buyers, not new visitors (the demo
+        # once called such a cluster "New visitors")
+        (
+            {"tenure_days": -1.3, "orders_lifetime": 3.4, "avg_order_value_lifetime": 1.0},
+            {"orders_lifetime": 12.0},
+            "High-value frequent buyers",
+        ),
         (
             {"cart_abandoned_sessions_lifetime": 1.6, "pages_per_session_lifetime": 0.1},
             {"orders_lifetime": 0.04},
@@ -279,7 +295,19 @@ def test_names_follow_the_rules_and_stay_unique():
             {"orders_lifetime": 2.0},
             "Big-ticket buyers",
         ),
-        ({"campaign_session_share": 1.1, "avg_order_value_lifetime": 1.2}, {}, "Deal seekers"),
+        (
+            {"campaign_session_share": 1.1, "avg_order_value_lifetime": 1.2},
+            {"orders_lifetime": 1.5},
+            "Deal seekers",
+        ),
+        # recent campaign visitors who bought above average: not new visitors, and one order
+        # each is not frequent
+        (
+            {"tenure_days": -1.2, "campaign_session_share": 1.5, "orders_lifetime": 1.2},
+            {"orders_lifetime": 1.0},
+            "Deal seekers",
+        ),
+        ({"campaign_session_share": 1.3}, {"orders_lifetime": 0.2}, "Campaign visitors"),
         (
             {"pages_per_session_lifetime": 0.0, "cart_abandoned_sessions_lifetime": -0.5},
             {"orders_lifetime": 0.0},
@@ -295,10 +323,85 @@ def test_names_follow_the_rules_and_stay_unique():
         ({}, {}, "Empty cluster"),
     ]
     assert [name_cluster(z, mean) for z, mean, _ in cases] == [name for _, _, name in cases]
+    # a second cluster of the same kind is told apart by its strongest feature the name does
+    # not already speak of (pages per session is part of "Window shoppers")
+    z = {"pages_per_session_lifetime": 2.0, "desktop_session_share": 1.3, "tenure_days": 0.2}
+    assert unique_name("Window shoppers", {"Window shoppers"}, z) == (
+        "Window shoppers, high desktop session share"
+    )
+    taken = {"Window shoppers", "Window shoppers, high desktop session share"}
+    assert unique_name("Window shoppers", taken, z) == "Window shoppers 2"
     assert unique_name("Window shoppers", {"Window shoppers", "Window shoppers 2"}) == (
         "Window shoppers 3"
     )
     assert unique_name("Deal seekers", {"Window shoppers"}) == "Deal seekers"
+    # a retrained cluster keeps its name only while the name's claims hold
+    assert still_holds("Frequent buyers", {"orders_lifetime": 1.2}, {"orders_lifetime": 3.0})
+    assert not still_holds("Frequent buyers", {"orders_lifetime": 0.4}, {"orders_lifetime": 3.0})
+    assert not still_holds("High sessions 90d", {"sessions_90d": 0.9, "tenure_days": -0.7}, {})
+    assert still_holds("High sessions 90d, low tenure days", cases[-3][0], {})
+
+
+# What each word of a name says about the cluster, written independently of NAME_RULES:
+# (word in the name, the test the default model's profile must pass). `z` has every default
+# cluster feature; spend is avg_order_value_lifetime, the only money feature of the default.
+def _orders(z, mean):
+    return mean["orders_lifetime"]
+
+
+IMPLIED = [
+    ("New visitors", lambda z, m: z["tenure_days"] <= -1 and z["orders_lifetime"] < 0.5),
+    ("Lapsed", lambda z, m: z["days_since_last_event"] >= 1),
+    (
+        "Frequent",
+        lambda z, m: (
+            z["orders_lifetime"] >= 1 and _orders(z, m) >= 2 and z["days_since_last_event"] < 1
+        ),
+    ),
+    ("buyers", lambda z, m: _orders(z, m) >= 0.5),
+    ("customers", lambda z, m: _orders(z, m) >= 0.5),
+    ("spenders", lambda z, m: _orders(z, m) >= 0.5 and z["avg_order_value_lifetime"] >= 0.5),
+    ("High-value", lambda z, m: z["avg_order_value_lifetime"] >= 0.5),
+    ("Deal seekers", lambda z, m: _orders(z, m) >= 0.5 and z["campaign_session_share"] >= 1),
+    ("Campaign visitors", lambda z, m: z["campaign_session_share"] >= 1),
+    ("from campaigns", lambda z, m: z["campaign_session_share"] >= 1),
+    ("Big-ticket", lambda z, m: z["avg_order_value_lifetime"] >= 0.75),
+    ("Window shoppers", lambda z, m: _orders(z, m) < 0.5),
+    ("Cart abandoners", lambda z, m: _orders(z, m) < 0.5),
+    ("Bouncers", lambda z, m: z["orders_lifetime"] < 0.5 and _orders(z, m) < 0.5),
+    ("Average users", lambda z, m: all(abs(v) < 0.5 for v in z.values())),
+]
+DEFAULT_FEATURES = (
+    "orders_lifetime",
+    "avg_order_value_lifetime",
+    "sessions_90d",
+    "avg_session_seconds_lifetime",
+    "pages_per_session_lifetime",
+    "cart_abandoned_sessions_lifetime",
+    "days_since_last_event",
+    "tenure_days",
+    "campaign_session_share",
+    "desktop_session_share",
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    zs=st.lists(st.floats(-4, 4, allow_nan=False), min_size=len(DEFAULT_FEATURES), max_size=10),
+    orders=st.floats(0, 20, allow_nan=False),
+)
+def test_a_name_never_contradicts_its_profile(zs, orders):
+    z = dict(zip(DEFAULT_FEATURES, zs, strict=False))
+    mean = {"orders_lifetime": orders}
+    name = name_cluster(z, mean)
+    for word, implied in IMPLIED:
+        if word in name:
+            assert implied(z, mean), (name, word, z, mean)
+    # a name made of features: each says high or low of a feature whose |z| is >= 0.5
+    for part in re.findall(r"(?i)\b(high|low) ([a-z0-9 ]+?)(?:,|$)", name):
+        feature = part[1].replace(" ", "_")
+        if feature in z:
+            assert (z[feature] >= 0.5) if part[0].lower() == "high" else (z[feature] <= -0.5)
 
 
 def test_matching_is_one_to_one_by_standardized_distance():
@@ -404,6 +507,83 @@ def test_bisecting_kmeans_on_pca_components_finds_the_groups(spark, tmp_path):
     fitted.release()
     assert groups(got) == {"b": {"c01"}, "w": {"c02"}, "n": {"c03"}}
     assert [p["name"] for p in fitted.profiles if p["stable_id"] == "c03"] == ["New visitors"]
+
+
+def test_gaussian_mixture_finds_the_groups(spark, tmp_path):
+    # Spark's GaussianMixture starts from random rows: on these 30 rows seeds 7 and 1 find
+    # the three groups, 42 puts seven newcomers in the buyers' component
+    cfg = make_config(
+        tmp_path,
+        *SETTINGS,
+        "cluster.seed=7",
+        "cluster.algorithm=gaussian_mixture",
+        "cluster.k_min=3",
+        "cluster.k_max=3",
+    )
+    df = features_df(spark, buyers() + shoppers() + newcomers(), T1)
+    fitted = fit_clusters(df, cfg.cluster, fill=fill_rules(FEATURES, set(FEATURES)))
+    got = {r.user_key: r.cluster_id for r in fitted.assignments_df.collect()}
+    fitted.release()
+    assert groups(got) == {"b": {"c01"}, "w": {"c02"}, "n": {"c03"}}
+    assert {p["stable_id"]: p["name"] for p in fitted.profiles} == {
+        "c01": "High-value frequent buyers",
+        "c02": "Window shoppers",
+        "c03": "New visitors",
+    }
+    assert fitted.wcss > 0
+
+
+def test_silhouette_metrics_on_four_points(spark, tmp_path):
+    """One feature, points 0, 1, 10, 11 in two clusters. Standardizing scales every distance
+    alike, so the silhouettes are those of the raw points:
+    euclidean: point 0: a = 1, b = (10 + 11) / 2 = 10.5, s = 9.5 / 10.5; point 1: a = 1,
+    b = (9 + 10) / 2, s = 8.5 / 9.5; 10 and 11 mirror them.
+    squared euclidean: point 0: b = (100 + 121) / 2, s = 109.5 / 110.5; point 1:
+    b = (81 + 100) / 2, s = 89.5 / 90.5."""
+    df = spark.createDataFrame(
+        [("a", 0), ("b", 1), ("c", 10), ("d", 11)], "user_key string, orders_lifetime int"
+    )
+    fill = fill_rules(("orders_lifetime",), {"orders_lifetime"})
+    expected = {
+        "euclidean": (9.5 / 10.5 + 8.5 / 9.5) / 2,  # 0.899749
+        "squared_euclidean": (109.5 / 110.5 + 89.5 / 90.5) / 2,  # 0.989950
+    }
+    for metric, value in expected.items():
+        cfg = make_config(
+            tmp_path,
+            "cluster.features=[orders_lifetime]",
+            "cluster.log_features=[]",
+            "cluster.k_min=2",
+            "cluster.k_max=2",
+            f"cluster.silhouette={metric}",
+        )
+        fitted = fit_clusters(df, cfg.cluster, fill=fill)
+        fitted.release()
+        assert fitted.silhouette == pytest.approx(value, abs=1e-6), metric
+        # k-means cost: four deviations of 0.5 from the centres, squared, in standardized
+        # units: divided by the sample variance of 0, 1, 10, 11 (squares about 5.5 sum to 101)
+        assert fitted.wcss == pytest.approx(4 * 0.25 / (101 / 3), rel=1e-6)
+
+
+def test_population_filter(spark, tmp_path):
+    rows = [("u1", 89.9), ("u2", 90.0), ("u3", 90.1), ("u4", None)]
+    df = spark.createDataFrame(rows, "user_key string, days_since_last_event double")
+    chosen = make_config(tmp_path, "cluster.population.active_within_days=90").cluster.population
+    assert sorted(r.user_key for r in population(df, chosen).collect()) == ["u1", "u2"]
+    chosen = make_config(
+        tmp_path, "cluster.population.where='days_since_last_event < 90 or user_key = \"u4\"'"
+    ).cluster.population
+    assert chosen.active_within_days == 90  # conf/base.yaml's
+    assert sorted(r.user_key for r in population(df, chosen).collect()) == ["u1"]
+    for where, message in [
+        ("nope > 1", r"cluster.population.where 'nope > 1': .*nope"),
+        ("days_since_last_event >", r"cluster.population.where 'days_since_last_event >'"),
+    ]:
+        chosen = make_config(tmp_path, f"cluster.population.where='{where}'").cluster.population
+        with pytest.raises(ConfigError, match=message):
+            population(df, chosen)
+    with pytest.raises(ConfigError, match="needs days_since_last_event"):
+        population(df.drop("days_since_last_event"), chosen)
 
 
 def test_k_search_picks_the_three_groups(three_trainings):

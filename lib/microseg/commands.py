@@ -267,6 +267,13 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ALGORITHM_LABELS = {
+    "kmeans": "KMeans",
+    "bisecting_kmeans": "BisectingKMeans",
+    "gaussian_mixture": "GaussianMixture",
+}
+
+
 def _cluster(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.ml import clustering
     from microseg.ops.forget import recorded_job
@@ -276,7 +283,9 @@ def _cluster(cfg: Config, args: argparse.Namespace) -> int:
         cfg,
         args,
         f"cluster-{args.action}",
-        "training KMeans" if args.action == "train" else "assigning users to clusters",
+        f"training {ALGORITHM_LABELS[cfg.cluster.algorithm]}"
+        if args.action == "train"
+        else "assigning users to clusters",
     )
     with recorded_job(spark, cfg, job=f"cluster {args.action}", as_of=args.as_of) as run:
         if args.action == "train":

@@ -191,8 +191,38 @@ class ClusterConfig(Strict):
         ),
         description="Skewed money and count features taken as log1p (a subset of features).",
     )
-    algorithm: Literal["kmeans", "bisecting_kmeans"] = Field(
-        "kmeans", description="pyspark.ml KMeans or BisectingKMeans."
+
+    class Population(Strict):
+        active_within_days: float | None = Field(
+            None,
+            gt=0,
+            description="Only users whose last event is at most this many days before the "
+            "as-of (days_since_last_event); null: everyone.",
+        )
+        where: str | None = Field(
+            None,
+            description="A Spark SQL condition over gold/user_features columns a user must "
+            'meet (e.g. "orders_lifetime > 0"); null: no condition.',
+        )
+
+    population: ClusterConfig.Population = Field(
+        default_factory=lambda: ClusterConfig.Population(),
+        description="Who the model is trained on and assigns: one filter for both jobs.",
+    )
+    algorithm: Literal["kmeans", "bisecting_kmeans", "gaussian_mixture"] = Field(
+        "kmeans", description="pyspark.ml KMeans, BisectingKMeans or GaussianMixture."
+    )
+    silhouette: Literal["euclidean", "squared_euclidean", "cosine"] = Field(
+        "euclidean",
+        description="The silhouette that picks k and is reported: euclidean (as scikit-learn "
+        "and the literature compute it, on a sample), or Spark's squared_euclidean or cosine "
+        "(on all rows of the search).",
+    )
+    silhouette_sample_rows: int = Field(
+        5_000,
+        ge=100,
+        description="Rows the euclidean silhouette is computed on (pairwise distances on the "
+        "driver: memory grows with the square).",
     )
     k_min: int = Field(3, ge=2, description="Smallest number of clusters tried.")
     k_max: int = Field(10, ge=2, description="Largest number of clusters tried (>= k_min).")

@@ -54,6 +54,7 @@ def use_utc_clock() -> None:
 JVM_NOTICES = (
     "WARNING: Using incubator modules:",
     "netlib-blas: JNI_OnLoad: dlopen(",
+    "netlib-lapack: JNI_OnLoad: dlopen(",
     "Starting Streaming TransformWithStateInPandas Python worker",
     "Streaming TransformWithStateInPandas Python worker",
 )

@@ -283,9 +283,12 @@ def print_cluster_train(report) -> None:
     console.print(
         f"[bold]cluster train[/bold] model={report.model_name} version={report.version} "
         f"as of {report.as_of.isoformat()}Z users={report.users:,} "
-        f"({report.training_seconds:.1f} s)"
+        f"(population: {report.population}; {report.training_seconds:.1f} s)"
     )
-    scores = Table("k", "silhouette", "WCSS", title=f"k search on {report.sample_rows:,} users")
+    metric = report.silhouette_metric.replace("_", " ")
+    scores = Table(
+        "k", f"silhouette ({metric})", "WCSS", title=f"k search on {report.sample_rows:,} users"
+    )
     for s in report.scores:
         mark = " <" if s.k == report.k else ""
         silhouette = "" if s.silhouette is None else f"{s.silhouette:.4f}"

@@ -6,12 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.clustering import GaussianMixtureModel, KMeansSummary
 from pyspark.ml.evaluation import ClusteringEvaluator
 from pyspark.ml.feature import StandardScalerModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from sklearn.metrics import silhouette_score
 
 from microseg.core.config import ClusterConfig
 from microseg.ml.clustering.matching import identify, rounded
@@ -53,18 +56,70 @@ class FittedClusters:
             df.unpersist()
 
 
-def _silhouette(model, predictions_df: DataFrame, settings: ClusterConfig) -> float | None:
-    """Spark's silhouette (squared Euclidean); None when fewer than two clusters have members."""
+SPARK_SILHOUETTE = {"squared_euclidean": "squaredEuclidean", "cosine": "cosine"}
+
+
+def centers(model) -> list[list[float]]:
+    """Cluster centres in the clustering space: KMeans' centroids, GaussianMixture's means."""
+    if isinstance(model, GaussianMixtureModel):
+        return [[float(x) for x in g.mean.toArray()] for g in model.gaussians]
+    return [[float(x) for x in c] for c in model.clusterCenters()]
+
+
+def euclidean_silhouette(
+    predictions_df: DataFrame, settings: ClusterConfig, *, rows: int
+) -> float | None:
+    """The mean silhouette with Euclidean distances (scikit-learn's silhouette_score) on a
+    seeded random sample of about silhouette_sample_rows rows, pulled to the driver; None
+    when the sample holds fewer than two clusters."""
+    sample_df = predictions_df.select(
+        vector_to_array(F.col(space_column(settings))).alias("_v"), INDEX
+    )
+    if rows > settings.silhouette_sample_rows:
+        sample_df = sample_df.sample(
+            fraction=settings.silhouette_sample_rows / rows, seed=settings.seed
+        )
+    sample = sample_df.toPandas()
+    labels = sample[INDEX].to_numpy()
+    if len(set(labels.tolist())) < 2 or len(labels) < 3:
+        return None
+    vectors = np.stack(sample["_v"].to_numpy())
+    return float(silhouette_score(vectors, labels, metric="euclidean"))
+
+
+def silhouette(
+    model, predictions_df: DataFrame, settings: ClusterConfig, *, rows: int
+) -> float | None:
+    """The cluster.silhouette of a fit; None when fewer than two clusters have members."""
     if sum(1 for size in model.summary.clusterSizes if size > 0) < 2:
         return None
+    if settings.silhouette == "euclidean":
+        return euclidean_silhouette(predictions_df, settings, rows=rows)
     evaluator = ClusteringEvaluator(
-        featuresCol=space_column(settings), predictionCol=INDEX, metricName="silhouette"
+        featuresCol=space_column(settings),
+        predictionCol=INDEX,
+        metricName="silhouette",
+        distanceMeasure=SPARK_SILHOUETTE[settings.silhouette],
     )
     return float(evaluator.evaluate(predictions_df))
 
 
-def _wcss(model) -> float:
-    return float(model.summary.trainingCost)
+def wcss(model, predictions_df: DataFrame, settings: ClusterConfig) -> float:
+    """Within-cluster sum of squared Euclidean distances to the centres: KMeans' training
+    cost, computed for the others."""
+    if isinstance(model.summary, KMeansSummary):
+        return float(model.summary.trainingCost)
+    table = F.array(*(F.array(*(F.lit(x) for x in c)) for c in centers(model)))
+    squared = F.aggregate(
+        F.zip_with(
+            vector_to_array(F.col(space_column(settings))),
+            table[F.col(INDEX)],
+            lambda x, c: (x - c) * (x - c),
+        ),
+        F.lit(0.0),
+        lambda acc, d: acc + d,
+    )
+    return float(predictions_df.select(F.sum(squared)).first()[0] or 0.0)
 
 
 def search_k(
@@ -84,8 +139,14 @@ def search_k(
         if k >= sample_rows:
             break
         model = cluster_estimator(settings, k).fit(sample_df)
-        silhouette = _silhouette(model, model.transform(sample_df), settings)
-        scores.append(KScore(k, silhouette, _wcss(model)))
+        predictions_df = model.transform(sample_df)
+        scores.append(
+            KScore(
+                k,
+                silhouette(model, predictions_df, settings, rows=sample_rows),
+                wcss(model, predictions_df, settings),
+            )
+        )
         if sample_df is vectors_df:
             full_models[k] = model
     if not scores:
@@ -175,11 +236,13 @@ def fit_clusters(
     if k in full_models:  # the search ran on all rows
         cluster_model = full_models[k]
         predictions_df = cluster_model.transform(vectors_df).persist()
-        silhouette = next(s.silhouette for s in scores if s.k == k)
+        score = next(s for s in scores if s.k == k)
+        fit_silhouette, fit_wcss = score.silhouette, score.wcss
     else:
         cluster_model = cluster_estimator(settings, k).fit(vectors_df)
         predictions_df = cluster_model.transform(vectors_df).persist()
-        silhouette = _silhouette(cluster_model, predictions_df, settings)
+        fit_silhouette = silhouette(cluster_model, predictions_df, settings, rows=rows)
+        fit_wcss = wcss(cluster_model, predictions_df, settings)
     scaler = next(s for s in prep_model.stages if isinstance(s, StandardScalerModel))
     profiles = _profiles(predictions_df, settings, scaler, k)
     matching = identify(profiles, settings, scaler, previous, next_number)
@@ -188,7 +251,7 @@ def fit_clusters(
         predictionCol=INDEX,
         stableIds=[p["stable_id"] for p in profiles],
         names=[p["name"] for p in profiles],
-        centers=[[float(x) for x in c] for c in cluster_model.clusterCenters()],
+        centers=centers(cluster_model),
         segmentPrefix=f"cluster_{settings.model_name}_",
     )
     model = PipelineModel(stages=[*prep_model.stages, cluster_model, labeler])
@@ -199,8 +262,8 @@ def fit_clusters(
         model=model,
         k=k,
         scores=scores,
-        silhouette=silhouette,
-        wcss=_wcss(cluster_model),
+        silhouette=fit_silhouette,
+        wcss=fit_wcss,
         users=rows,
         sample_rows=sample_rows,
         profiles=profiles,

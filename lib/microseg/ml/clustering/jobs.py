@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 from microseg.core import lake
 from microseg.core.clock import naive_utc
-from microseg.core.config import Config
+from microseg.core.config import ClusterConfig, Config
 from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
@@ -22,7 +22,12 @@ from microseg.ml import registry
 from microseg.ml.clustering.fit import KScore, fit_clusters
 from microseg.ml.clustering.matching import stable_number
 from microseg.ml.clustering.naming import feature_label as _label
-from microseg.ml.clustering.pipeline import check_config, fill_rules
+from microseg.ml.clustering.pipeline import (
+    check_config,
+    fill_rules,
+    population,
+    population_text,
+)
 from microseg.ml.clustering.quality import persona_ari
 from microseg.ml.clustering.steps import DISTANCE, SEGMENT_ID
 from microseg.segments import membership, online
@@ -43,6 +48,8 @@ class ClusterTrainReport:
     users: int
     k: int
     silhouette: float | None
+    silhouette_metric: str
+    population: str
     wcss: float
     scores: list[KScore]
     sample_rows: int
@@ -104,7 +111,7 @@ def train_clusters(
     as_of = naive_utc(as_of)
     available = {f.name for f in select_features(cfg.features.include)}
     fill = fill_rules(features, available)
-    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of)
+    features_df = population(snapshots.snapshot(spark, cfg.lake.root, as_of), settings.population)
     sources = sorted({s for s, _ in fill.values() if s})
     _require_columns(features_df, [*features, *sources], as_of)
     features_df = features_df.select("user_key", *dict.fromkeys([*features, *sources]))
@@ -143,11 +150,13 @@ def train_clusters(
         "features": list(features),
         "log_features": list(settings.log_features),
         "fill": {f: {"from": s or None, "value": v} for f, (s, v) in fill.items()},
+        "population": settings.population.model_dump(mode="json"),
+        "silhouette_metric": settings.silhouette,
         "space": "pca"
         if settings.pca_components
-        else "standardized"
-        if settings.algorithm == "kmeans"
-        else "scaled",
+        else "scaled"
+        if settings.algorithm == "bisecting_kmeans"
+        else "standardized",
         "search": [{"k": s.k, "silhouette": s.silhouette, "wcss": s.wcss} for s in fitted.scores],
         "sample_rows": fitted.sample_rows,
         "sizes": {p["stable_id"]: p["size"] for p in fitted.profiles},
@@ -185,6 +194,8 @@ def train_clusters(
         users=fitted.users,
         k=fitted.k,
         silhouette=fitted.silhouette,
+        silhouette_metric=settings.silhouette,
+        population=population_text(settings.population),
         wcss=fitted.wcss,
         scores=fitted.scores,
         sample_rows=fitted.sample_rows,
@@ -213,7 +224,11 @@ def assign_clusters(
     entry = registry.get(spark, root, cfg.cluster.model_name, kind=KIND, version=version)
     details = entry.details
     model = PipelineModel.load(entry.path)
-    features_df = snapshots.snapshot(spark, cfg.lake.root, as_of)
+    # the population the version was trained on, whatever cluster.population says now
+    features_df = population(
+        snapshots.snapshot(spark, cfg.lake.root, as_of),
+        ClusterConfig.Population(**details.get("population", {})),
+    )
     needed = sorted(
         {*details["features"], *(f["from"] for f in details["fill"].values() if f["from"])}
     )

@@ -13,7 +13,7 @@ from pyspark.ml.feature import StandardScalerModel
 from scipy.optimize import linear_sum_assignment
 
 from microseg.core.config import ClusterConfig
-from microseg.ml.clustering.naming import name_cluster, unique_name
+from microseg.ml.clustering.naming import name_cluster, still_holds, unique_name
 
 
 def stable_id(number: int) -> str:
@@ -100,20 +100,30 @@ def identify(
         )
         pairs = match_clusters(costs, settings.match_max_distance)
         matched_old = set()
+        renamed = []
         for i, j, distance in pairs:
-            profiles[i]["stable_id"] = old[j]["stable_id"]
-            profiles[i]["name"] = old[j]["name"]
-            taken.add(old[j]["name"])
+            profile = profiles[i]
+            profile["stable_id"] = old[j]["stable_id"]
+            old_base = old[j].get("base_name", old[j]["name"])
+            if still_holds(old_base, profile["z"], profile["mean"]):
+                profile["name"], profile["base_name"] = old[j]["name"], old_base
+                taken.add(profile["name"])
+            else:  # named after the other clusters keep theirs
+                renamed.append(i)
             matched_old.add(j)
             pending.remove(i)
             report["matched"].append(
                 {
                     "stable_id": old[j]["stable_id"],
                     "name": old[j]["name"],
-                    "index": profiles[i]["index"],
+                    "index": profile["index"],
                     "distance": rounded(distance),
                 }
             )
+        for i in renamed:
+            _name(profiles[i], taken)
+            entry = next(m for m in report["matched"] if m["index"] == profiles[i]["index"])
+            entry["renamed_to"] = profiles[i]["name"]
         for j, p in enumerate(old):
             if j not in matched_old:
                 nearest = float(np.min(costs[:, j])) if costs.shape[0] else math.inf
@@ -128,8 +138,7 @@ def identify(
         profile = profiles[i]
         profile["stable_id"] = stable_id(next_number)
         next_number += 1
-        profile["name"] = unique_name(name_cluster(profile["z"], profile["mean"]), taken)
-        taken.add(profile["name"])
+        _name(profile, taken)
         if previous is not None:
             report["appeared"].append(
                 {"stable_id": profile["stable_id"], "name": profile["name"], "index": i}
@@ -137,6 +146,13 @@ def identify(
     for profile in profiles:
         profile["segment_id"] = segment_id(settings.model_name, profile["stable_id"])
     return report
+
+
+def _name(profile: dict, taken: set[str]) -> None:
+    """Give profile its name_cluster name (base_name) and a unique name (name)."""
+    profile["base_name"] = name_cluster(profile["z"], profile["mean"])
+    profile["name"] = unique_name(profile["base_name"], taken, profile["z"])
+    taken.add(profile["name"])
 
 
 def segment_id(model_name: str, cluster_id: str) -> str:

@@ -3,15 +3,19 @@ null-filling rules, the feature stages and the KMeans or BisectingKMeans estimat
 
 from __future__ import annotations
 
+from pyspark.errors import AnalysisException, ParseException
 from pyspark.ml import Pipeline, Transformer
-from pyspark.ml.clustering import BisectingKMeans, KMeans
+from pyspark.ml.clustering import BisectingKMeans, GaussianMixture, KMeans
 from pyspark.ml.feature import PCA, StandardScaler, VectorAssembler
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from microseg.core.config import ClusterConfig, Config, ConfigError
 from microseg.features.user_features import FEATURES, select_features
 from microseg.ml.clustering.steps import (
     INDEX,
     LOG_PREFIX,
+    PROBABILITY,
     PROJECTED,
     RAW_VECTOR,
     SCALED,
@@ -60,6 +64,37 @@ def check_config(cfg: Config) -> tuple[str, ...]:
     if problems:
         raise ConfigError("; ".join(problems))
     return tuple(names)
+
+
+def population(features_df: DataFrame, chosen: ClusterConfig.Population) -> DataFrame:
+    """The users of features_df a model is trained on and assigns (cluster.population);
+    ConfigError naming the key when `where` does not parse or names an unknown column."""
+    if chosen.active_within_days is not None:
+        if "days_since_last_event" not in features_df.columns:
+            raise ConfigError(
+                "cluster.population.active_within_days needs days_since_last_event in "
+                "gold/user_features (features.include)"
+            )
+        features_df = features_df.filter(
+            F.col("days_since_last_event") <= F.lit(chosen.active_within_days)
+        )
+    if chosen.where:
+        try:
+            features_df = features_df.filter(F.expr(chosen.where))
+            features_df.schema  # noqa: B018 - analyzed here, so a bad column fails now
+        except (ParseException, AnalysisException) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"cluster.population.where {chosen.where!r}: {reason}") from exc
+    return features_df
+
+
+def population_text(chosen: ClusterConfig.Population) -> str:
+    parts = []
+    if chosen.active_within_days is not None:
+        parts.append(f"last event within {chosen.active_within_days:g} days")
+    if chosen.where:
+        parts.append(chosen.where)
+    return " and ".join(parts) or "everyone"
 
 
 def fill_rules(features: tuple[str, ...], available: set[str]) -> dict[str, tuple[str, float]]:
@@ -112,7 +147,7 @@ def feature_stages(
         StandardScaler(
             inputCol=RAW_VECTOR,
             outputCol=SCALED,
-            withMean=settings.algorithm == "kmeans",
+            withMean=settings.algorithm != "bisecting_kmeans",
             withStd=True,
         ),
     ]
@@ -131,6 +166,8 @@ def cluster_estimator(settings: ClusterConfig, k: int):
     }
     if settings.algorithm == "bisecting_kmeans":
         return BisectingKMeans(**common)
+    if settings.algorithm == "gaussian_mixture":
+        return GaussianMixture(**common, probabilityCol=PROBABILITY)
     return KMeans(**common, initSteps=settings.init_steps, initMode="k-means||")
 
 

@@ -17,6 +17,7 @@ RAW_VECTOR = "_cluster_input"
 SCALED = "_cluster_scaled"
 PROJECTED = "_cluster_pca"
 INDEX = "_cluster_index"
+PROBABILITY = "_cluster_probability"  # GaussianMixture's membership probabilities
 CLUSTER_ID = "cluster_id"
 SEGMENT_ID = "segment_id"
 CLUSTER_NAME = "cluster_name"

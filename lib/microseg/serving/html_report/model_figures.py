@@ -54,6 +54,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _silhouette_label(details: dict) -> str:
+    """The silhouette's distance; versions before cluster.silhouette used Spark's."""
+    return details.get("silhouette_metric", "squared_euclidean").replace("_", " ")
+
+
 def cluster_section(models: pd.DataFrame | None) -> Section:
     section = Section("clusters", "Cluster profiles")
     entries = _models(models, "cluster")
@@ -70,7 +75,8 @@ def cluster_section(models: pd.DataFrame | None) -> Section:
             f"Model `{entry.model_name}` version `{entry.version}` (trained "
             f"{when_text(entry.trained_at)} UTC): "
             f"k = {int(_metric(metrics, 'k') or len(profiles))}, "
-            f"silhouette {_fmt(_metric(metrics, 'silhouette'))}, "
+            f"silhouette ({_silhouette_label(details)}) "
+            f"{_fmt(_metric(metrics, 'silhouette'))}, "
             f"{int(_metric(metrics, 'users') or 0):,} users"
             + (
                 f", ARI vs ground truth {_fmt(_metric(metrics, 'ari'))}"
