@@ -343,6 +343,16 @@ HEURISTIC_METRICS = {
 HAND_DATA_HASH = "9fa650513e16d45ba43794ad249354f0beb50eb8b920add268ae06b003e0e051"
 
 
+def gbt_margin() -> float:
+    """The hand model's GBT margin for G1 (minus it for G0). Every tree splits on orders and
+    its leaves are pure: the first tree fits the labels as +1/-1 (weight 1), each of the next
+    four the log-loss pseudo-residual 4 / (1 + e^(2 F)) of the current margin F (weight 0.1)."""
+    margin = 1.0
+    for _ in range(4):
+        margin += 0.1 * 4 / (1 + math.exp(2 * margin))
+    return margin  # 1.16967...
+
+
 def hand_events() -> list[tuple]:
     rows = []
     for user, days in PURCHASES.items():
@@ -394,6 +404,14 @@ def test_training_report_by_hand(trained):
     assert report.chosen_params == {"maxDepth": 2, "maxIter": 5, "stepSize": 0.1}
     assert report.feature_importances == [
         ("orders_lifetime", 1.0),
+        ("days_since_last_event", 0.0),
+    ]
+    # TreeSHAP: 3 fit rows on each side of the orders split (the cover), so the base is 0
+    # and orders carries the whole margin, 2 x margin in log-odds, for each evaluation row
+    assert report.shap_base == pytest.approx(0.0, abs=1e-12)
+    assert report.shap_rows == 8
+    assert report.shap_importances == [
+        ("orders_lifetime", pytest.approx(2 * gbt_margin())),
         ("days_since_last_event", 0.0),
     ]
     assert report.metrics["gbt"] == pytest.approx(GBT_METRICS)
@@ -527,6 +545,50 @@ def test_score_writes_scores_and_the_top_share_as_a_segment(spark, trained):
     }
     assert {(r.model_name, r.model_version, r.as_of) for r in rows} == {
         ("purchase_7d", report.version, E)
+    }
+    # one reason each (days_since_last_event contributes nothing): orders, at the user's
+    # orders, +-2 x the margin (see gbt_margin)
+    log_odds = 2 * gbt_margin()
+    assert {r.user_key: [tuple(x) for x in r.reasons] for r in rows} == {
+        "u1": [("orders_lifetime", 3.0, pytest.approx(log_odds))],
+        "u2": [("orders_lifetime", 3.0, pytest.approx(log_odds))],
+        "u3": [("orders_lifetime", 3.0, pytest.approx(log_odds))],
+        "u4": [("orders_lifetime", 2.0, pytest.approx(log_odds))],
+        **{
+            u: [("orders_lifetime", 0.0, pytest.approx(-log_odds))]
+            for u in ("u5", "u6", "u7", "u8")
+        },
+    }
+    # and the GBT's own probability agrees: raw_score = 1 / (1 + e^(-2 margin))
+    assert {r.user_key: r.raw_score for r in rows}["u1"] == pytest.approx(
+        1 / (1 + math.exp(-log_odds))
+    )
+    # the API answers with the latest score per target and its reasons
+    from fastapi.testclient import TestClient
+
+    from microseg.serving.api import create_app
+
+    body = TestClient(create_app(cfg)).get("/users/u5/scores").json()
+    assert body == {
+        "id": "u5",
+        "user_key": "u5",
+        "scores": [
+            {
+                "model_name": "purchase_7d",
+                "model_version": report.version,
+                "as_of": "2026-10-01T00:00:00Z",
+                "score": pytest.approx(LOW),
+                "rank": 5,
+                "percentile": 0.5,
+                "reasons": [
+                    {
+                        "feature": "orders_lifetime",
+                        "value": 0.0,
+                        "contribution": pytest.approx(-log_odds),
+                    }
+                ],
+            }
+        ],
     }
     # top 25% of 8 users: the first two of G1 by user_key
     members = membership.members_at(spark, root, "propensity_purchase_7d_top25", E).collect()

@@ -296,6 +296,19 @@ class PropensityConfig(Strict):
     calibration: Literal["isotonic"] = Field(
         "isotonic", description="Calibration of the GBT score on the held-out snapshot."
     )
+    reasons: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Per scored user, the features with the largest TreeSHAP values kept in "
+        "gold/propensity_scores.reasons; 0: no explanations.",
+    )
+    importance_rows: int = Field(
+        10_000,
+        ge=100,
+        description="Evaluation rows (a seeded sample) the global SHAP importances are "
+        "averaged over at training.",
+    )
     seed: int = Field(42, description="Seed of the GBT, the split and the folds.")
 
 

@@ -355,6 +355,27 @@ PROPENSITY_SCORES = T.StructType(
         _field("raw_score", DOUBLE, False, "GBT positive-class probability before calibration"),
         _field("rank", LONG, False, "1 = highest; ties by raw_score, then user_key"),
         _field("percentile", DOUBLE, False, "(users - rank + 1) / users: 1.0 for the top user"),
+        _field(
+            "reasons",
+            T.ArrayType(
+                T.StructType(
+                    [
+                        # nested fields stay nullable: Delta has no NOT NULL inside arrays
+                        _field("feature", STRING, True, "Feature name"),
+                        _field("value", DOUBLE, True, "The user's value (after imputation)"),
+                        _field(
+                            "contribution",
+                            DOUBLE,
+                            True,
+                            "TreeSHAP value: log-odds this feature adds to the GBT's score",
+                        ),
+                    ]
+                )
+            ),
+            True,
+            "The features with the largest |contribution|, largest first (propensity.reasons); "
+            "null when not computed",
+        ),
         _field("run_id", STRING, False, "Run that scored"),
         _field("scored_at", TIMESTAMP, False, "Wall-clock time of the run"),
     ]

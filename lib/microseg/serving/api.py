@@ -112,6 +112,32 @@ class ExperimentDetail(BaseModel):
     results: list[VariantResult] = Field(description="Per variant at the latest analysis")
 
 
+class Reason(BaseModel):
+    feature: str
+    value: float | None = Field(description="The user's value, after imputation")
+    contribution: float = Field(
+        description="TreeSHAP value: log-odds the feature adds to the GBT's score"
+    )
+
+
+class PropensityScore(BaseModel):
+    model_name: str = Field(description="The propensity target, e.g. purchase_7d")
+    model_version: str
+    as_of: datetime = Field(description="The latest scoring of this target that has the user")
+    score: float = Field(description="Calibrated probability")
+    rank: int
+    percentile: float
+    reasons: list[Reason] | None = Field(
+        description="The features that moved the score most, largest first"
+    )
+
+
+class UserScores(BaseModel):
+    id: str = Field(description="The id asked about")
+    user_key: str = Field(description="The key that answered (after identity stitching)")
+    scores: list[PropensityScore]
+
+
 class Health(BaseModel):
     status: str
     store: str
@@ -393,6 +419,48 @@ def create_app(cfg: Config, store: OnlineStore | None = None) -> FastAPI:
                     assigned_at=EPOCH + v.assigned_at * _US,
                 )
                 for v in variants
+            ],
+        )
+
+    @app.get(
+        "/users/{user_id}/scores",
+        response_model=UserScores,
+        summary="The user's latest propensity score per target, with its top reasons",
+    )
+    def user_scores(user_id: Annotated[str, Path(min_length=1, max_length=512)]):
+        # read from gold/propensity_scores (not the online store): a scan filtered on the key
+        user_key, _ = resolve(user_id)
+        dt = reader.table(lake.PROPENSITY_SCORES)
+        rows = []
+        if dt is not None:
+            candidates = [user_key]
+            if not user_key.startswith(ANON_PREFIX) and user_key == user_id:
+                candidates.append(f"{ANON_PREFIX}{user_id}")
+            table = dt.to_pyarrow_dataset().to_table(filter=pc.field("user_key").isin(candidates))
+            rows = table.to_pylist()
+            if rows:
+                user_key = max(rows, key=lambda r: r["as_of"])["user_key"]
+        latest: dict[str, dict] = {}
+        for row in rows:
+            if row["user_key"] != user_key:
+                continue
+            best = latest.get(row["model_name"])
+            if best is None or row["as_of"] > best["as_of"]:
+                latest[row["model_name"]] = row
+        return UserScores(
+            id=user_id,
+            user_key=user_key,
+            scores=[
+                PropensityScore(
+                    model_name=name,
+                    model_version=r["model_version"],
+                    as_of=_utc(r["as_of"]),
+                    score=r["score"],
+                    rank=r["rank"],
+                    percentile=r["percentile"],
+                    reasons=r.get("reasons"),
+                )
+                for name, r in sorted(latest.items())
             ],
         )
 

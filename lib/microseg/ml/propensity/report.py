@@ -43,8 +43,13 @@ def format_train_report(report: PropensityTrainReport) -> str:
         for r in report.calibration_table
     ]
     lines.append(
-        "top features: "
+        "top features (GBT split importances): "
         + ", ".join(f"{name} {value:.3f}" for name, value in report.feature_importances[:8])
+    )
+    lines.append(
+        f"SHAP importances (mean |log-odds| over {report.shap_rows} evaluation rows; base "
+        f"{report.shap_base:+.3f}): "
+        + ", ".join(f"{name} {value:.3f}" for name, value in report.shap_importances[:8])
     )
     lines.append(report.verdict)
     return "\n".join(lines)

@@ -18,6 +18,13 @@ from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.features import snapshots
 from microseg.ml import registry
+from microseg.ml.propensity.explain import (
+    REASONS,
+    REASONS_TYPE,
+    explain,
+    read_ensemble,
+    with_inputs,
+)
 from microseg.ml.propensity.labels import ensure_snapshots
 from microseg.ml.propensity.targets import RAW_SCORE, SCORE, SOURCE, segment_id, target_spec
 from microseg.segments import membership, online
@@ -71,12 +78,18 @@ def score_propensity(
     computed = bool(ensure_snapshots(spark, cfg, [as_of], run_id=run_id))
     features_df = snapshots.snapshot(spark, cfg.lake.root, as_of, columns=features, require=False)
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
-    ranked_df = (
-        model.transform(features_df)
-        .select("user_key", SCORE, RAW_SCORE)
-        .withColumn("rank", F.row_number().over(order).cast("long"))
-        .persist()
-    )
+    transformed_df = model.transform(features_df)
+    if cfg.propensity.reasons:
+        scored_df = explain(
+            with_inputs(transformed_df, "user_key", SCORE, RAW_SCORE),
+            read_ensemble(spark, model, row.path, features),
+            top=cfg.propensity.reasons,
+        )
+    else:
+        scored_df = transformed_df.select(
+            "user_key", SCORE, RAW_SCORE, F.lit(None).cast(REASONS_TYPE).alias(REASONS)
+        )
+    ranked_df = scored_df.withColumn("rank", F.row_number().over(order).cast("long")).persist()
     summary = ranked_df.agg(F.count(F.lit(1)).alias("n"), F.avg(SCORE).alias("mean")).first()
     users = summary["n"]
     if users == 0:
@@ -92,6 +105,7 @@ def score_propensity(
         RAW_SCORE,
         "rank",
         ((F.lit(users) - F.col("rank") + 1) / F.lit(users)).alias("percentile"),
+        REASONS,
         F.lit(run_id).alias("run_id"),
         F.current_timestamp().alias("scored_at"),
     )
@@ -100,6 +114,7 @@ def score_propensity(
         lake.conform(scores_df, lake.PROPENSITY_SCORES)
         .write.format("delta")
         .mode("overwrite")
+        .option("mergeSchema", "true")  # a table written before `reasons` existed gains it
         .option(
             "replaceWhere",
             f"as_of_date = DATE '{as_of.date().isoformat()}' AND model_name = '{target}' "

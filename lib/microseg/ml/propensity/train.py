@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 from pyspark.ml import PipelineModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
@@ -22,6 +23,7 @@ from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
+from microseg.ml.propensity.explain import global_importance, read_ensemble, with_inputs
 from microseg.ml.propensity.labels import (
     SnapshotPlan,
     ensure_snapshots,
@@ -71,6 +73,9 @@ class PropensityTrainReport:
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
     calibration_table: list[dict]  # GBT on the evaluation as-of
     feature_importances: list[tuple[str, float]]
+    shap_importances: list[tuple[str, float]]  # mean |SHAP value| (log-odds), evaluation rows
+    shap_base: float  # the GBT's expected log-odds over its training cover
+    shap_rows: int
     beats_baselines: dict[str, bool]  # metric -> GBT better than both baselines
     verdict: str
     heuristic: str | None
@@ -103,6 +108,16 @@ def _labeled_rows(
     # one partition per core: a fit is one Spark job per tree level, and on rows this few
     # its time is the tasks' overhead (5 snapshot files made 5 tasks per job)
     return all_df.coalesce(spark.sparkContext.defaultParallelism)
+
+
+def _inputs_sample(transformed_df: DataFrame, *, rows: int, settings: PropensityConfig):
+    """The GBT's inputs (after imputation) of a seeded sample of about importance_rows of
+    transformed_df's `rows` rows, as a numpy array on the driver."""
+    inputs_df = with_inputs(transformed_df)
+    if rows > settings.importance_rows:
+        inputs_df = inputs_df.sample(fraction=settings.importance_rows / rows, seed=settings.seed)
+    values = [r[0] for r in inputs_df.collect()]
+    return np.array(values, dtype=np.float64).reshape(len(values), -1)
 
 
 def _snapshot_counts(all_df: DataFrame, plan: SnapshotPlan, target: str) -> list[dict]:
@@ -283,6 +298,11 @@ def train_propensity(
                 raw_col=HEURISTIC,
                 top_share=settings.top_share,
             )
+        explained_x = _inputs_sample(
+            best.transform(evaluation_df),
+            rows=next(s["rows"] for s in snapshots if s["role"] == "evaluation"),
+            settings=settings,
+        )
         data_hash = registry.training_data_hash(
             weighted_df.filter(F.col("as_of") <= F.lit(plan.calibration)),
             ["user_key", "as_of", LABEL, *used],
@@ -293,6 +313,7 @@ def train_propensity(
     path = lake.model_path(root, target, version)
     model.write().save(path)
     durable(f"model {target}")
+    shap_values, shap_base = read_ensemble(spark, model, path, used).contributions(explained_x)
     metrics = {name: scorer.metrics for name, scorer in scorers.items()}
     beats, verdict = compare_to_baselines(metrics)
     gbt_model = best.stages[-1]
@@ -323,6 +344,9 @@ def train_propensity(
             zip(used, (float(v) for v in gbt_model.featureImportances.toArray()), strict=True),
             key=lambda kv: -kv[1],
         ),
+        shap_importances=global_importance(shap_values, tuple(used)),
+        shap_base=shap_base,
+        shap_rows=len(explained_x),
         beats_baselines=beats,
         verdict=verdict,
         heuristic=heuristic,
@@ -389,6 +413,9 @@ def _register(
         "features_computed": [t.isoformat() for t in report.features_computed],
         "validation_metrics": report.validation_metrics,
         "feature_importances": dict(report.feature_importances),
+        "shap_importances": dict(report.shap_importances),
+        "shap_base": report.shap_base,
+        "shap_rows": report.shap_rows,
         "calibration_tables": tables,
         "heuristic": report.heuristic,
         "beats_baselines": report.beats_baselines,
