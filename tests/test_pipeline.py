@@ -10,13 +10,14 @@ from microseg.cli import main
 from microseg.core import lake
 
 TAOBAO = DATA / "taobao-userbehavior-excerpt.csv"
+STAGES = ("ingest", "sessionize", "features", "segments", "clusters", "propensity", "health")
 
 
 def stages(out: str) -> dict[str, str]:
     """stage -> status from the progress lines ("   stage: status, ...")."""
     found = {}
     for line in out.splitlines():
-        for stage in ("ingest", "sessionize", "features", "segments", "clusters", "propensity"):
+        for stage in STAGES:
             if line.startswith(f"   {stage}: "):
                 found[stage] = line.split(": ", 1)[1].split(",")[0].split(";")[0]
     return found
@@ -33,6 +34,7 @@ def test_pipeline_runs_skips_and_resumes(spark, tmp_path, capsys):
         "segments": "done",
         "clusters": "skipped",
         "propensity": "skipped",
+        "health": "done",
     }
     # nothing new: every stage is skipped
     assert main(args) == 0
@@ -61,6 +63,7 @@ def test_pipeline_runs_skips_and_resumes(spark, tmp_path, capsys):
         "sessionize": 4,
         "features": 1,
         "segments run": 1,
+        "health": 1,
     }
     failed = runs.filter("status = 'failed'").select("job").collect()
     assert sorted(r.job for r in failed) == ["pipeline"]
@@ -72,6 +75,7 @@ def test_pipeline_runs_skips_and_resumes(spark, tmp_path, capsys):
         "gold/segment_membership": {"segments run"},
         "gold/segment_changes": {"segments run"},
         "gold/segment_catalog": {"segments run"},
+        "gold/segment_kpis": {"health"},  # no alert: gold/segment_alerts has no rows
     }
 
 

@@ -768,6 +768,22 @@ def _triggers(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=_as_of, required=True, help="point in time")
+
+
+def _health(cfg: Config, args: argparse.Namespace) -> int:
+    from microseg.ops.forget import recorded_job
+    from microseg.segments.health import run_health
+    from microseg.serving.console import print_health_report
+
+    spark = _spark(cfg, args, "health", "checking segment health")
+    with recorded_job(spark, cfg, job="health", as_of=args.as_of) as run:
+        report = run_health(spark, cfg, as_of=args.as_of, run_id=run.run_id)
+    print_health_report(report)
+    return 0
+
+
 def _maintain(cfg: Config, args: argparse.Namespace) -> int:
     from microseg.core.runs import recorded
     from microseg.ops.maintain import run_maintain
@@ -837,6 +853,12 @@ COMMANDS: dict[str, Command] = {
             "ledger; --stream: as events arrive",
             _activate_arguments,
             _activate,
+        ),
+        Command(
+            "health",
+            "segment KPIs, size and engagement anomalies, distinctness: --as-of T",
+            _health_arguments,
+            _health,
         ),
         Command(
             "triggers",

@@ -170,6 +170,24 @@ def _propensity(spark, cfg, as_of):
     return ("done" if done else "skipped"), (rows if done else None), "; ".join(details)
 
 
+def _health(spark, cfg, as_of):
+    from microseg.segments.health import run_health
+
+    root = cfg.lake.root
+    if not lake.table_exists(spark, root, lake.SEGMENT_CATALOG):
+        return "skipped", None, "no segments yet"
+    at_t = F.col("as_of") == F.lit(as_of)
+    recorded = _max(spark, cfg, lake.SEGMENT_CATALOG, "recorded_at", at_t)
+    checked = _max(spark, cfg, lake.SEGMENT_KPIS, "computed_at", at_t)
+    if recorded is None:
+        return "skipped", None, "no segments at T"
+    if checked is not None and checked >= recorded:
+        return "skipped", None, "health at T is newer than the segments at T"
+    with recorded_job(spark, cfg, job="health", as_of=as_of) as run:
+        report = run_health(spark, cfg, as_of=as_of, run_id=run.run_id)
+    return "done", report.segments, f"{len(report.alerts)} alerts"
+
+
 STAGES: list[tuple[str, Callable]] = [
     ("ingest", _ingest),
     ("sessionize", _sessionize),
@@ -177,6 +195,7 @@ STAGES: list[tuple[str, Callable]] = [
     ("segments", _segments),
     ("clusters", _clusters),
     ("propensity", _propensity),
+    ("health", _health),
 ]
 
 

@@ -312,6 +312,39 @@ class PropensityConfig(Strict):
     seed: int = Field(42, description="Seed of the GBT, the split and the folds.")
 
 
+class HealthConfig(Strict):
+    """Settings of `microseg health` (lib/microseg/segments/health.py)."""
+
+    window: int = Field(
+        8, ge=3, description="Previous runs of a segment the robust baseline is fitted on."
+    )
+    min_history: int = Field(
+        4, ge=3, description="Runs a segment needs before it gets anomaly alerts."
+    )
+    threshold: float = Field(
+        4.0,
+        gt=0,
+        description="Alert when the value is this many robust standard deviations (1.4826 x "
+        "the median absolute deviation from the Theil-Sen trend) from the forecast.",
+    )
+    min_relative_change: float = Field(
+        0.2, ge=0, description="...and at least this share away from the forecast."
+    )
+    min_size_change: int = Field(
+        10, ge=0, description="...and, for sizes, at least this many users away."
+    )
+    alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Significance of the chi-square tests that a segment differs from its "
+        "parent and siblings.",
+    )
+    min_members: int = Field(
+        30, ge=1, description="Segments smaller than this are not tested for distinctness."
+    )
+
+
 class PipelineInput(Strict):
     source: str = Field(description="Source mapping name (conf/sources/NAME.yaml).")
     path: str = Field(description="File, folder (recursive) or glob to ingest new files from.")
@@ -534,6 +567,7 @@ class Config(Strict):
     pipeline: PipelineConfig = PipelineConfig()
     cluster: ClusterConfig = ClusterConfig()
     propensity: PropensityConfig = PropensityConfig()
+    health: HealthConfig = HealthConfig()
     stream: StreamConfig = StreamConfig()
     sql: SqlConfig = SqlConfig()
     serving: ServingConfig = ServingConfig()

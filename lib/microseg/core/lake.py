@@ -212,6 +212,18 @@ SEGMENT_CATALOG = Table(
     comment="Per as-of and segment: definition, version, size, status, overlap.",
 )
 
+SEGMENT_KPIS = Table(
+    "gold/segment_kpis",
+    schemas.SEGMENT_KPIS,
+    partition_by=("as_of_date",),
+    comment="Per as-of and segment: conversion, revenue, order value, sessions, retention.",
+)
+SEGMENT_ALERTS = Table(
+    "gold/segment_alerts",
+    schemas.SEGMENT_ALERTS,
+    comment="Per as-of: segment size and engagement anomalies, segments not distinct.",
+)
+
 MODEL_REGISTRY = Table(
     "gold/model_registry",
     schemas.MODEL_REGISTRY,
@@ -300,6 +312,8 @@ ALL_TABLES = (
     SEGMENT_MEMBERSHIP,
     SEGMENT_CHANGES,
     SEGMENT_CATALOG,
+    SEGMENT_KPIS,
+    SEGMENT_ALERTS,
     MODEL_REGISTRY,
     PROPENSITY_SCORES,
     EXPERIMENT_ASSIGNMENTS,

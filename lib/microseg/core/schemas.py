@@ -585,3 +585,55 @@ DELIVERIES = T.StructType(
         _field("updated_at", TIMESTAMP, False, "Last change of this row"),
     ]
 )
+
+
+# gold/segment_kpis: one row per as-of and segment, from the members at that as-of and their
+# features (microseg health).
+SEGMENT_KPIS = T.StructType(
+    [
+        _field("as_of", TIMESTAMP, False, "as-of time of the run"),
+        _field("as_of_date", T.DateType(), False, "UTC date of as_of; partition column"),
+        _field("segment_id", STRING, False, "Segment id; all_users: everyone with features"),
+        _field("source", STRING, False, "rule, cluster, propensity, stream or population"),
+        _field("members", LONG, False, "Members with features at as_of"),
+        _field("buyers_30d", LONG, False, "Members with an order in the 30 days before as_of"),
+        _field("active_7d", LONG, False, "Members with a session in the 7 days before as_of"),
+        _field("conversion_rate_30d", DOUBLE, True, "buyers_30d / members"),
+        _field("revenue_per_user_30d", DOUBLE, True, "Revenue of the last 30 days / members"),
+        _field("aov_30d", DOUBLE, True, "Average order value of the last 30 days"),
+        _field("sessions_per_user_30d", DOUBLE, True, "Sessions of the last 30 days / members"),
+        _field(
+            "retention_30d",
+            DOUBLE,
+            True,
+            "Of the members active 30-90 days before as_of, the share also active in the "
+            "last 30 days",
+        ),
+        _field("run_id", STRING, False, "Run that computed it"),
+        _field("computed_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)
+
+# gold/segment_alerts: what `microseg health` found wrong with a segment at an as-of.
+SEGMENT_ALERTS = T.StructType(
+    [
+        _field("as_of", TIMESTAMP, False, "as-of time of the run"),
+        _field("segment_id", STRING, False, "Segment id"),
+        _field("source", STRING, False, "rule, cluster, propensity or stream"),
+        _field(
+            "alert",
+            STRING,
+            False,
+            "size_drop, size_spike, engagement_drop, engagement_spike, "
+            "not_distinct_from_parent or not_distinct_from_sibling",
+        ),
+        _field("metric", STRING, False, "size, sessions_per_user_30d, or the tested behaviours"),
+        _field("value", DOUBLE, True, "The value at as_of"),
+        _field("expected", DOUBLE, True, "The baseline's forecast, or the other group's value"),
+        _field("score", DOUBLE, True, "Robust z-score, or the smallest test p-value"),
+        _field("other_segment", STRING, True, "The parent or sibling compared with"),
+        _field("message", STRING, False, "One line for a person"),
+        _field("run_id", STRING, False, "Run that found it"),
+        _field("detected_at", TIMESTAMP, False, "Wall-clock time of the run"),
+    ]
+)
