@@ -17,7 +17,7 @@ from microseg.segments.health import (
     segment_kpis,
 )
 
-SETTINGS = HealthConfig()  # window 8, min_history 4, threshold 4, 20% and 10 users
+SETTINGS = HealthConfig(min_relative_change=0.2)  # window 12, min_history 4, threshold 4
 
 
 def test_a_steady_trend_is_forecast_and_a_flat_history_alerts_on_the_relative_change():

@@ -44,6 +44,8 @@ EXPECTED_TITLES = [
     html_report.titled(html_report.CLUSTER_Z_TITLE, "behavior"),
     html_report.titled(html_report.CALIBRATION_TITLE, "purchase_7d"),
     html_report.titled(html_report.LIFT_TITLE, "purchase_7d"),
+    html_report.titled(html_report.SHAP_TITLE, "purchase_7d"),
+    html_report.HEALTH_TITLE,
     html_report.EXPERIMENT_TITLE,
     html_report.QUARANTINE_TITLE,
     html_report.RUN_DURATION_TITLE,
@@ -124,6 +126,7 @@ def _propensity_row(root: str):
             "heuristic": deciles(0.8),
         },
         "verdict": "GBT beats logistic_regression and heuristic on ROC AUC, PR AUC, lift",
+        "shap_importances": {"orders_lifetime": 0.9, "days_since_last_event": 0.4},
     }
     return (
         "purchase_7d",
@@ -168,6 +171,7 @@ def report_file(spark, tmp_path_factory):
     for as_of in (T1, T2):
         run("features", "--as-of", as_of)
         run("segments", "run", "--as-of", as_of)
+        run("health", "--as-of", as_of)
     experiments = tmp_path / "experiments.yaml"
     experiments.write_text(
         "experiments:\n  - id: e1\n    segment: repeat_visitors\n"

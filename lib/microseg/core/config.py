@@ -316,7 +316,7 @@ class HealthConfig(Strict):
     """Settings of `microseg health` (lib/microseg/segments/health.py)."""
 
     window: int = Field(
-        8, ge=3, description="Previous runs of a segment the robust baseline is fitted on."
+        12, ge=3, description="Previous runs of a segment the robust baseline is fitted on."
     )
     min_history: int = Field(
         4, ge=3, description="Runs a segment needs before it gets anomaly alerts."
@@ -328,7 +328,7 @@ class HealthConfig(Strict):
         "the median absolute deviation from the Theil-Sen trend) from the forecast.",
     )
     min_relative_change: float = Field(
-        0.2, ge=0, description="...and at least this share away from the forecast."
+        0.3, ge=0, description="...and at least this share away from the forecast."
     )
     min_size_change: int = Field(
         10, ge=0, description="...and, for sizes, at least this many users away."

@@ -26,6 +26,8 @@ QUARANTINE_TITLE = "Quarantined records per day and reason"
 EXPERIMENT_TITLE = "Experiment conversion by variant (95% interval)"
 RUN_DURATION_TITLE = "Job run durations"
 RUN_STATUS_TITLE = "Job runs per job and status"
+SHAP_TITLE = "Propensity SHAP importance (mean |log-odds| per feature)"
+HEALTH_TITLE = "Segment conversion rate over time (orders in the last 30 days)"
 
 PALETTE = qualitative.Dark24
 STATUS_COLORS = {"succeeded": "#2ca02c", "failed": "#d62728", "interrupted": "#ff7f0e"}
@@ -471,4 +473,78 @@ def experiments_section(results: pd.DataFrame | None) -> Section:
         "control, two-proportion z-test p; sample ratio: chi-square of assigned counts "
         "against the weights, MISMATCH below p = 0.001."
     )
+    return section
+
+
+def health_section(health: tuple[pd.DataFrame | None, pd.DataFrame | None]) -> Section:
+    section = Section("health", "Segment health")
+    kpis, alerts = health
+    if kpis is None or kpis.empty:
+        section.missing = "no data yet: run `microseg health --as-of T`"
+        return section
+    kpis = kpis.sort_values(["segment_id", "as_of"])
+    fig = go.Figure()
+    for i, (segment_id, rows) in enumerate(kpis.groupby("segment_id", sort=True)):
+        fig.add_trace(
+            go.Scatter(
+                x=rows["as_of"],
+                y=rows["conversion_rate_30d"],
+                mode="lines+markers",
+                name=segment_id,
+                line={"color": color(i)},
+                hovertemplate="%{x}<br>%{y:.1%}<extra>%{fullData.name}</extra>",
+            )
+        )
+    layout(fig, HEALTH_TITLE, yaxis={"title": "members who ordered", "tickformat": ".0%"})
+    section.charts.append(Chart(HEALTH_TITLE, fig))
+    latest = kpis[kpis["as_of"] == kpis["as_of"].max()]
+
+    def rate(value: Any) -> str:
+        return "" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+
+    def amount(value: Any) -> str:
+        return "" if value is None or pd.isna(value) else f"{value:,.2f}"
+
+    section.notes.append(
+        f"KPIs as of {when_text(kpis['as_of'].max())} (`gold/segment_kpis`); `all_users` is "
+        "everyone with features."
+    )
+    section.tables.append(
+        (
+            [
+                "segment",
+                "members",
+                "conversion 30d",
+                "revenue / user 30d",
+                "AOV 30d",
+                "sessions / user 30d",
+                "retention 30d",
+            ],
+            [
+                [
+                    r.segment_id,
+                    int(r.members),
+                    rate(r.conversion_rate_30d),
+                    amount(r.revenue_per_user_30d),
+                    amount(r.aov_30d),
+                    amount(r.sessions_per_user_30d),
+                    rate(r.retention_30d),
+                ]
+                for r in latest.itertuples()
+            ],
+        )
+    )
+    if alerts is None or alerts.empty:
+        section.notes.append("No alert at any run (`gold/segment_alerts`).")
+    else:
+        alerts = alerts.sort_values(["as_of", "segment_id"], ascending=[False, True]).head(50)
+        section.tables.append(
+            (
+                ["as of", "segment", "alert", "what"],
+                [
+                    [when_text(a.as_of), a.segment_id, a.alert, a.message]
+                    for a in alerts.itertuples()
+                ],
+            )
+        )
     return section

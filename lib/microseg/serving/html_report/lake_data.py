@@ -140,3 +140,26 @@ def load_runs(spark: SparkSession, root: str) -> pd.DataFrame | None:
         return None
     latest = df.select(*RUN_COLUMNS).orderBy(F.desc("started_at")).limit(MAX_RUNS)
     return _frame(latest, RUN_COLUMNS)
+
+
+HEALTH_KPI_COLUMNS = (
+    "as_of",
+    "segment_id",
+    "members",
+    "conversion_rate_30d",
+    "revenue_per_user_30d",
+    "aov_30d",
+    "sessions_per_user_30d",
+    "retention_30d",
+)
+ALERT_COLUMNS = ("as_of", "segment_id", "alert", "message")
+
+
+def load_health(spark: SparkSession, root: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Every gold/segment_kpis row and every gold/segment_alerts row."""
+    kpis = _read(spark, root, lake.SEGMENT_KPIS)
+    alerts = _read(spark, root, lake.SEGMENT_ALERTS)
+    return (
+        None if kpis is None else _frame(kpis, HEALTH_KPI_COLUMNS),
+        None if alerts is None else _frame(alerts, ALERT_COLUMNS),
+    )

@@ -15,6 +15,7 @@ from microseg.serving.html_report.figures import (
     CLUSTER_SIZES_TITLE,
     CLUSTER_Z_TITLE,
     LIFT_TITLE,
+    SHAP_TITLE,
     Chart,
     Section,
     color,
@@ -248,6 +249,21 @@ def propensity_section(models: pd.DataFrame | None) -> Section:
                 yaxis_title="observed rate / base rate",
             )
             section.charts.append(Chart(lift_title, fig))
+        importances = details.get("shap_importances") or {}
+        if importances:
+            shap_title = titled(SHAP_TITLE, entry.model_name)
+            top = sorted(importances.items(), key=lambda kv: -kv[1])[:15][::-1]
+            fig = go.Figure(
+                go.Bar(
+                    x=[v for _, v in top],
+                    y=[f for f, _ in top],
+                    orientation="h",
+                    marker={"color": color(0)},
+                    hovertemplate="%{y}<br>mean |SHAP| %{x:.3f}<extra></extra>",
+                )
+            )
+            layout(fig, shap_title, xaxis_title="mean |contribution| to the log-odds")
+            section.charts.append(Chart(shap_title, fig))
     if rows:
         section.tables.append((header, rows))
     return section

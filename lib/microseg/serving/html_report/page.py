@@ -20,6 +20,7 @@ from microseg.serving.html_report.figures import (
     Section,
     changes_section,
     experiments_section,
+    health_section,
     overlap_section,
     quarantine_section,
     runs_section,
@@ -30,6 +31,7 @@ from microseg.serving.html_report.lake_data import (
     TableVersion,
     load_catalog,
     load_experiments,
+    load_health,
     load_latest_models,
     load_quarantine,
     load_runs,
@@ -67,6 +69,7 @@ SECTIONS: tuple[tuple[str, Callable[..., Section]], ...] = (
     ("catalog", stability_section),
     ("models", cluster_section),
     ("models", propensity_section),
+    ("health", health_section),
     ("experiments", experiments_section),
     ("quarantine", quarantine_section),
     ("runs", runs_section),
@@ -81,6 +84,7 @@ def build_report(spark: SparkSession, root: str, *, now: datetime | None = None)
         "quarantine": load_quarantine(spark, root),
         "experiments": load_experiments(spark, root),
         "runs": load_runs(spark, root),
+        "health": load_health(spark, root),
     }
     return Report(
         lake_root=lake.table_path(root, lake.EVENTS).rsplit("/bronze/events", 1)[0],
