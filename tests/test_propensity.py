@@ -260,6 +260,7 @@ PURCHASES = {
 }
 VISITS = {"u5": (-15,), "u6": (-19,), "u7": (-16,), "u8": (-13,)}
 HAND_MODEL = [
+    "propensity.serve=gbt",  # the hand values are the GBT's
     "propensity.snapshots=2",
     "propensity.grid.max_depth=[2]",
     "propensity.grid.max_iter=[5]",
@@ -637,6 +638,55 @@ def test_model_path_is_under_the_lake(trained):
     cfg, report = trained
     assert Path(report.path).is_dir()
     assert report.path.startswith(str(Path(cfg.lake.root).resolve()))
+
+
+def test_logistic_regression_serves_when_chosen_and_explains_exactly(spark, trained):
+    """Runs after the GBT tests of this lake: it registers two more versions."""
+    cfg, _ = trained
+    root = Path(cfg.lake.root).parent
+    lr_cfg = make_config(root, *HAND_MODEL, "propensity.serve=logistic_regression")
+    report = train_propensity(spark, lr_cfg, target="purchase_7d", as_of=E)
+    assert (report.serving, report.selection["reason"]) == (
+        "logistic_regression",
+        "propensity.serve",
+    )
+    assert [type(s).__name__ for s in PipelineModel.load(report.path).stages][-2:] == [
+        "LogisticRegressionModel",
+        "IsotonicCalibrationModel",
+    ]
+    entry = registry.get(spark, cfg.lake.root, "purchase_7d", kind="propensity")
+    assert (entry.version, entry.params["serving"]) == (report.version, "logistic_regression")
+    score_propensity(spark, lr_cfg, target="purchase_7d", as_of=E)
+    rows = (
+        lake.read_table(spark, cfg.lake.root, lake.PROPENSITY_SCORES)
+        .filter(F.col("model_version") == report.version)
+        .collect()
+    )
+    assert len(rows) == 8
+    for r in rows:
+        # linear SHAP: intercept + sum of coefficient x standardized value = logit(raw score),
+        # with both features among the 3 reasons; the values shown are the raw orders
+        contributions = {x.feature: x.contribution for x in r.reasons}
+        assert set(contributions) <= {"orders_lifetime", "days_since_last_event"}
+        logit = math.log(r.raw_score / (1 - r.raw_score))
+        assert report.shap_base + sum(contributions.values()) == pytest.approx(logit, abs=1e-6)
+        orders = next(x for x in r.reasons if x.feature == "orders_lifetime")
+        assert orders.value == HAND_ROWS[E][r.user_key][0]
+        # more orders than the fit rows' mean (1/2): a positive push, none: a negative one
+        assert (orders.contribution > 0) == (orders.value > 0)
+
+    # auto: the validation users of the 6 fit rows (a quarter, by a hash of the key) hold
+    # one label only, so nothing tells the models apart and the GBT serves by default
+    auto = train_propensity(
+        spark,
+        make_config(root, *HAND_MODEL, "propensity.serve=auto"),
+        target="purchase_7d",
+        as_of=E,
+    )
+    assert auto.serving == "gbt"
+    assert auto.selection["reason"] == (
+        "a validation side has one label only: the GBT serves by default"
+    )
 
 
 @pytest.mark.soak  # about 3.5 minutes; the default suite keeps the hand-made model tests

@@ -296,6 +296,12 @@ class PropensityConfig(Strict):
     calibration: Literal["isotonic"] = Field(
         "isotonic", description="Calibration of the GBT score on the held-out snapshot."
     )
+    serve: Literal["auto", "gbt", "logistic_regression"] = Field(
+        "auto",
+        description="The model a training saves and scores with. auto: the GBT when it beats "
+        "the logistic regression on propensity.metric on the validation users (the grid "
+        "search's split or folds), else the logistic regression; or one of them.",
+    )
     reasons: int = Field(
         3,
         ge=0,

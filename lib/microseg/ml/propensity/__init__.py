@@ -26,6 +26,11 @@ IsotonicCalibrationModel (isotonic regression of the label on the GBT's positive
 probability, fitted on the held-out snapshot). Two baselines are scored on the same split:
 logistic regression on the standardized same features, and a recency/frequency rule (HEURISTICS);
 both are calibrated the same way, so every metric compares like with like.
+
+Which model is saved (propensity.serve, default auto): the GBT only when its validation metric
+on held-out users of the fit rows beats the logistic regression's; otherwise the logistic
+regression pipeline with its calibration. Scores carry their top reasons: exact SHAP values
+of the served model (explain.py).
 """
 
 from microseg.ml.propensity.report import format_score_report, format_train_report

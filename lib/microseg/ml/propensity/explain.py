@@ -1,4 +1,5 @@
-"""Why a user got their propensity score: exact TreeSHAP over the Spark GBT's trees.
+"""Why a user got their propensity score: exact TreeSHAP over the Spark GBT's trees (or, when
+the registry serves the logistic regression, its exact linear SHAP values).
 
 The GBT of a saved propensity PipelineModel is read back from its own files (the stage's
 `data` Parquet: one row per node with its split, prediction and weighted count; the tree
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from pyspark.ml import PipelineModel
-from pyspark.ml.classification import GBTClassificationModel
+from pyspark.ml.classification import GBTClassificationModel, LogisticRegressionModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -31,8 +32,31 @@ from microseg.core.schemas import PROPENSITY_SCORES
 
 REASONS = "reasons"
 REASONS_TYPE = PROPENSITY_SCORES[REASONS].dataType  # array<struct<feature, value, contribution>>
-ASSEMBLED = "features"  # the propensity pipeline's VectorAssembler output (imputed features)
+ASSEMBLED = "features"  # what the classifier reads: imputed (GBT) or also standardized (LR)
+UNSCALED = "raw_features"  # the logistic regression pipeline's imputed, unscaled features
 _X = "_explained_x"
+_SHOWN = "_shown_x"
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """A logistic regression on standardized features: its SHAP values are exact and closed
+    form, coefficient x standardized value (the scaler centres on the training mean, where
+    the standardized features average 0), and the base is the intercept."""
+
+    features: tuple[str, ...]
+    coefficients: tuple[float, ...]
+    intercept: float
+    shown: str = UNSCALED
+
+    def explainer(self) -> LinearModel:
+        return self
+
+    def shap_values(self, x: np.ndarray, check_additivity: bool = False) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) * np.asarray(self.coefficients)
+
+    def contributions(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        return self.shap_values(x), self.intercept
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,7 @@ class TreeEnsemble:
 
     features: tuple[str, ...]
     trees: tuple[dict, ...]
+    shown: str = ASSEMBLED
 
     def shap_model(self) -> dict:
         return {
@@ -69,6 +94,21 @@ def gbt_stage(model: PipelineModel) -> tuple[int, GBTClassificationModel]:
         if isinstance(stage, GBTClassificationModel):
             return index, stage
     raise ValueError("the propensity model has no GBT stage to explain")
+
+
+def read_explainer(
+    spark: SparkSession, model: PipelineModel, path: str, features: list[str]
+) -> TreeEnsemble | LinearModel:
+    """What explains the saved propensity model at `path`: its GBT's trees, or its logistic
+    regression's coefficients."""
+    for stage in model.stages:
+        if isinstance(stage, LogisticRegressionModel):
+            return LinearModel(
+                tuple(features),
+                tuple(float(c) for c in stage.coefficients.toArray()),
+                float(stage.intercept),
+            )
+    return read_ensemble(spark, model, path, features)
 
 
 def read_ensemble(
@@ -129,10 +169,12 @@ def read_ensemble(
     return TreeEnsemble(tuple(features), tuple(trees))
 
 
-def with_inputs(transformed_df: DataFrame, *columns: str) -> DataFrame:
-    """`columns` of transformed_df (the propensity model's output) and the model's inputs
-    as an array column, after imputation: what the trees split on."""
-    return transformed_df.select(*columns, vector_to_array(F.col(ASSEMBLED)).alias(_X))
+def with_inputs(transformed_df: DataFrame, *columns: str, shown: str | None = None) -> DataFrame:
+    """`columns` of transformed_df (the propensity model's output), the classifier's inputs
+    as an array column (what the explanation is computed on) and, with `shown`, that vector
+    column as the values the reasons show (the features after imputation)."""
+    extra = [] if shown is None else [vector_to_array(F.col(shown)).alias(_SHOWN)]
+    return transformed_df.select(*columns, vector_to_array(F.col(ASSEMBLED)).alias(_X), *extra)
 
 
 def top_reasons(
@@ -151,17 +193,19 @@ def top_reasons(
     ]
 
 
-def explain(scored_df: DataFrame, ensemble: TreeEnsemble, *, top: int) -> DataFrame:
-    """scored_df (from with_inputs) without the inputs column and with `reasons`: the user's
-    `top` features by the size of their SHAP value, each with the feature's value (after
-    imputation) and its contribution in log-odds. Computed in the Python workers, one
-    TreeExplainer per task."""
-    keep = [c for c in scored_df.columns if c != _X]
+def explain(scored_df: DataFrame, ensemble: TreeEnsemble | LinearModel, *, top: int) -> DataFrame:
+    """scored_df (from with_inputs, shown=ensemble.shown) without the input columns and with
+    `reasons`: the user's `top` features by the size of their SHAP value, each with the
+    feature's value (after imputation) and its contribution in log-odds. Computed in the
+    Python workers, one explainer per task."""
+    hidden = (_X, _SHOWN)
+    keep = [c for c in scored_df.columns if c not in hidden]
     schema = T.StructType(
-        [f for f in scored_df.schema.fields if f.name != _X]
+        [f for f in scored_df.schema.fields if f.name not in hidden]
         + [T.StructField(REASONS, REASONS_TYPE, False)]
     )
     features = ensemble.features
+    shown = _SHOWN if _SHOWN in scored_df.columns else _X
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         explainer = None
@@ -173,7 +217,9 @@ def explain(scored_df: DataFrame, ensemble: TreeEnsemble, *, top: int) -> DataFr
             x = np.stack(pdf[_X].to_numpy()).astype(np.float64)
             values = np.asarray(explainer.shap_values(x, check_additivity=False))
             out = pdf[keep].copy()
-            out[REASONS] = top_reasons(values, x, features, top)
+            out[REASONS] = top_reasons(
+                values, np.stack(pdf[shown].to_numpy()).astype(np.float64), features, top
+            )
             yield out
 
     return scored_df.mapInPandas(run, schema)

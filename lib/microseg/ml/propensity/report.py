@@ -37,7 +37,9 @@ def format_train_report(report: PropensityTrainReport) -> str:
         )
     base = report.metrics["gbt"]
     lines.append(f"evaluation rows {base['rows']:.0f}, base rate {base['base_rate']:.4f}")
-    lines.append("calibration (GBT, deciles): mean predicted / observed / rows")
+    lines.append(
+        f"calibration ({report.serving}, deciles): mean predicted / observed / rows"
+    )
     lines += [
         f"  {r['decile']:>2}  {r['mean_predicted']:.4f}  {r['observed_rate']:.4f}  {r['rows']}"
         for r in report.calibration_table
@@ -52,6 +54,7 @@ def format_train_report(report: PropensityTrainReport) -> str:
         + ", ".join(f"{name} {value:.3f}" for name, value in report.shap_importances[:8])
     )
     lines.append(report.verdict)
+    lines.append(f"serving: {report.serving} ({report.selection['reason']})")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from microseg.ml.propensity.explain import (
     REASONS,
     REASONS_TYPE,
     explain,
-    read_ensemble,
+    read_explainer,
     with_inputs,
 )
 from microseg.ml.propensity.labels import ensure_snapshots
@@ -80,9 +80,10 @@ def score_propensity(
     order = Window.orderBy(F.desc(RAW_SCORE), F.asc("user_key"))
     transformed_df = model.transform(features_df)
     if cfg.propensity.reasons:
+        explainer = read_explainer(spark, model, row.path, features)
         scored_df = explain(
-            with_inputs(transformed_df, "user_key", SCORE, RAW_SCORE),
-            read_ensemble(spark, model, row.path, features),
+            with_inputs(transformed_df, "user_key", SCORE, RAW_SCORE, shown=explainer.shown),
+            explainer,
             top=cfg.propensity.reasons,
         )
     else:

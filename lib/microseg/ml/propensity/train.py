@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from pyspark.ml import PipelineModel
+from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
 from pyspark.sql import DataFrame, SparkSession
@@ -23,7 +23,7 @@ from microseg.core.failpoints import durable
 from microseg.core.runs import new_run_id
 from microseg.ml import registry
 from microseg.ml.propensity.calibration import IsotonicCalibrationModel, IsotonicCalibrator
-from microseg.ml.propensity.explain import global_importance, read_ensemble, with_inputs
+from microseg.ml.propensity.explain import global_importance, read_explainer, with_inputs
 from microseg.ml.propensity.labels import (
     SnapshotPlan,
     ensure_snapshots,
@@ -71,7 +71,9 @@ class PropensityTrainReport:
     chosen_params: dict
     validation_metrics: list[dict]
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
-    calibration_table: list[dict]  # GBT on the evaluation as-of
+    calibration_table: list[dict]  # the served model on the evaluation as-of
+    serving: str  # gbt or logistic_regression: what the saved model scores with
+    selection: dict  # how: serve setting, validation metric of both, reason
     feature_importances: list[tuple[str, float]]
     shap_importances: list[tuple[str, float]]  # mean |SHAP value| (log-odds), evaluation rows
     shap_base: float  # the GBT's expected log-odds over its training cover
@@ -157,6 +159,72 @@ def _usable_features(fit_df: DataFrame, features: list[str]) -> tuple[list[str],
     if not used:
         raise ValueError("every model feature is null in the training rows")
     return used, dropped
+
+
+def _validation_value(
+    estimator: Pipeline, params: dict, fit_df: DataFrame, settings: PropensityConfig
+) -> float | None:
+    """propensity.metric of the estimator (with params) on held-out users of the fit rows,
+    split as the grid search splits them (the mean over the folds for cross_validation);
+    None when a validation side lacks one of the labels."""
+    evaluator = BinaryClassificationEvaluator(
+        labelCol=LABEL, rawPredictionCol="rawPrediction", metricName=settings.metric
+    )
+    if settings.validation == "cross_validation":
+        folded_df = fit_df.withColumn(FOLD, user_fold(settings.folds, settings.seed))
+        splits = [
+            (folded_df.filter(F.col(FOLD) != k), folded_df.filter(F.col(FOLD) == k))
+            for k in range(settings.folds)
+        ]
+    else:
+        held_out = in_user_holdout(settings.train_ratio, settings.seed)
+        splits = [(fit_df.filter(~held_out), fit_df.filter(held_out))]
+    values = []
+    for train_df, validation_df in splits:
+        labels = {r[0] for r in validation_df.select(LABEL).distinct().collect()}
+        if len(labels) < 2 or train_df.select(LABEL).distinct().count() < 2:
+            return None
+        values.append(evaluator.evaluate(estimator.fit(train_df, params).transform(validation_df)))
+    return float(sum(values) / len(values))
+
+
+def _select(
+    fit_df: DataFrame, best: PipelineModel, used: list[str], settings: PropensityConfig
+) -> dict:
+    """Which model the training saves (propensity.serve): with auto, the GBT at its chosen
+    grid point only when its validation metric is better than the logistic regression's."""
+    if settings.serve != "auto":
+        return {"serve": settings.serve, "serving": settings.serve, "reason": "propensity.serve"}
+    pipeline, gbt = gbt_pipeline(used, seed=settings.seed)
+    tuned = best.stages[-1]
+    params = {
+        gbt.maxDepth: tuned.getMaxDepth(),
+        gbt.maxIter: tuned.getMaxIter(),
+        gbt.stepSize: tuned.getStepSize(),
+    }
+    values = {
+        "gbt": _validation_value(pipeline, params, fit_df, settings),
+        "logistic_regression": _validation_value(logistic_pipeline(used), {}, fit_df, settings),
+    }
+    chosen = {"serve": "auto", "metric": settings.metric, "validation": values}
+    if None in values.values():
+        return {
+            **chosen,
+            "serving": "gbt",
+            "reason": "a validation side has one label only: the GBT serves by default",
+        }
+    gbt_value, lr_value = values["gbt"], values["logistic_regression"]
+    if gbt_value > lr_value:
+        return {
+            **chosen,
+            "serving": "gbt",
+            "reason": f"GBT {gbt_value:.4f} > logistic regression {lr_value:.4f}",
+        }
+    return {
+        **chosen,
+        "serving": "logistic_regression",
+        "reason": f"GBT {gbt_value:.4f} does not beat logistic regression {lr_value:.4f}",
+    }
 
 
 def _tune_gbt(
@@ -283,6 +351,7 @@ def train_propensity(
                 top_share=settings.top_share,
             )
         }
+        selection = _select(fit_df, best, used, settings)
         lr_model = logistic_pipeline(used).fit(fit_df)
         scorers["logistic_regression"] = calibrate_and_evaluate(
             lr_model.transform(calibration_df),
@@ -298,8 +367,9 @@ def train_propensity(
                 raw_col=HEURISTIC,
                 top_share=settings.top_share,
             )
+        serving = best if selection["serving"] == "gbt" else lr_model
         explained_x = _inputs_sample(
-            best.transform(evaluation_df),
+            serving.transform(evaluation_df),
             rows=next(s["rows"] for s in snapshots if s["role"] == "evaluation"),
             settings=settings,
         )
@@ -308,12 +378,13 @@ def train_propensity(
             ["user_key", "as_of", LABEL, *used],
         )
 
-    model = PipelineModel(stages=[*best.stages, scorers["gbt"].calibrator])
+    served = selection["serving"]
+    model = PipelineModel(stages=[*serving.stages, scorers[served].calibrator])
     version = registry.new_version()
     path = lake.model_path(root, target, version)
     model.write().save(path)
     durable(f"model {target}")
-    shap_values, shap_base = read_ensemble(spark, model, path, used).contributions(explained_x)
+    shap_values, shap_base = read_explainer(spark, model, path, used).contributions(explained_x)
     metrics = {name: scorer.metrics for name, scorer in scorers.items()}
     beats, verdict = compare_to_baselines(metrics)
     gbt_model = best.stages[-1]
@@ -339,7 +410,9 @@ def train_propensity(
         },
         validation_metrics=validation_metrics,
         metrics=metrics,
-        calibration_table=scorers["gbt"].table,
+        calibration_table=scorers[served].table,
+        serving=served,
+        selection=selection,
         feature_importances=sorted(
             zip(used, (float(v) for v in gbt_model.featureImportances.toArray()), strict=True),
             key=lambda kv: -kv[1],
@@ -385,6 +458,7 @@ def _register(
         "folds": settings.folds,
         "metric": settings.metric,
         "chosen": report.chosen_params,
+        "serving": report.serving,
         "calibration": settings.calibration,
         "calibration_as_of": report.calibration_as_of.isoformat(),
         "snapshot_interval_seconds": settings.snapshot_interval.total_seconds(),
@@ -420,6 +494,7 @@ def _register(
         "heuristic": report.heuristic,
         "beats_baselines": report.beats_baselines,
         "verdict": report.verdict,
+        "selection": report.selection,
     }
     registry.register(
         spark,
