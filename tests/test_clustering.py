@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from tests.conftest import make_config
 
 from microseg.core import lake
-from microseg.core.config import ConfigError
+from microseg.core.config import ClusterConfig, ConfigError
 from microseg.ml.clustering.fit import fit_clusters
 from microseg.ml.clustering.jobs import assign_clusters, train_clusters
 from microseg.ml.clustering.matching import match_clusters, match_distances
@@ -371,18 +371,7 @@ IMPLIED = [
     ("Bouncers", lambda z, m: z["orders_lifetime"] < 0.5 and _orders(z, m) < 0.5),
     ("Average users", lambda z, m: all(abs(v) < 0.5 for v in z.values())),
 ]
-DEFAULT_FEATURES = (
-    "orders_lifetime",
-    "avg_order_value_lifetime",
-    "sessions_90d",
-    "avg_session_seconds_lifetime",
-    "pages_per_session_lifetime",
-    "cart_abandoned_sessions_lifetime",
-    "days_since_last_event",
-    "tenure_days",
-    "campaign_session_share",
-    "desktop_session_share",
-)
+DEFAULT_FEATURES = ClusterConfig().features
 
 
 @settings(max_examples=400, deadline=None)

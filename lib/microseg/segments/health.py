@@ -42,6 +42,29 @@ ALL_USERS = "all_users"
 POPULATION = "population"
 KPI_FEATURES = ("orders_30d", "revenue_30d", "sessions_7d", "sessions_30d", "sessions_90d")
 ENGAGEMENT = "sessions_per_user_30d"
+# gold/segment_kpis columns as the console and the report label them, and how they print:
+# rate (a share), amount (a number with 2 decimals) or count
+KPI_LABELS = (
+    ("members", "members", "count"),
+    ("conversion_rate_30d", "conversion 30d", "rate"),
+    ("revenue_per_user_30d", "revenue / user 30d", "amount"),
+    ("aov_30d", "AOV 30d", "amount"),
+    (ENGAGEMENT, "sessions / user 30d", "amount"),
+    ("retention_30d", "retention 30d", "rate"),
+)
+
+
+def kpi_text(value, kind: str) -> str:
+    """A KPI value as printed: '' for none, 12.5% for a rate, 1,234.50 for an amount."""
+    if value is None or value != value:  # None or NaN
+        return ""
+    if kind == "rate":
+        return f"{value:.1%}"
+    if kind == "amount":
+        return f"{value:,.2f}"
+    return f"{int(value):,}"
+
+
 BEHAVIOURS = (("buyers_30d", "bought in 30 days"), ("active_7d", "active in 7 days"))
 
 

@@ -583,39 +583,18 @@ def print_trigger_report(report) -> None:
     console.print("decisions are in gold/trigger_firings; a rerun at the same as-of adds none")
 
 
-def _rate(value) -> str:
-    return "" if value is None else f"{value:.1%}"
-
-
-def _amount(value) -> str:
-    return "" if value is None else f"{value:,.2f}"
-
-
 def print_health_report(report) -> None:
     console.print(
         f"[bold]health[/bold] as of {report.as_of:%Y-%m-%d %H:%M:%S} run={report.run_id}: "
         f"{report.segments} segments, {len(report.alerts)} alerts"
     )
+    from microseg.segments.health import KPI_LABELS, kpi_text
+
     kpis = Table(
-        "segment",
-        "members",
-        "conversion 30d",
-        "revenue / user 30d",
-        "AOV 30d",
-        "sessions / user 30d",
-        "retention 30d",
-        title="KPIs (gold/segment_kpis)",
+        "segment", *(label for _, label, _ in KPI_LABELS), title="KPIs (gold/segment_kpis)"
     )
     for k in sorted(report.kpis, key=lambda k: (k["segment_id"] != "all_users", k["segment_id"])):
-        kpis.add_row(
-            k["segment_id"],
-            f"{k['members']:,}",
-            _rate(k["conversion_rate_30d"]),
-            _amount(k["revenue_per_user_30d"]),
-            _amount(k["aov_30d"]),
-            _amount(k["sessions_per_user_30d"]),
-            _rate(k["retention_30d"]),
-        )
+        kpis.add_row(k["segment_id"], *(kpi_text(k[c], kind) for c, _, kind in KPI_LABELS))
     console.print(kpis)
     if report.alerts:
         alerts = Table("segment", "alert", "what", title="alerts (gold/segment_alerts)")

@@ -37,9 +37,7 @@ def format_train_report(report: PropensityTrainReport) -> str:
         )
     base = report.metrics["gbt"]
     lines.append(f"evaluation rows {base['rows']:.0f}, base rate {base['base_rate']:.4f}")
-    lines.append(
-        f"calibration ({report.serving}, deciles): mean predicted / observed / rows"
-    )
+    lines.append(f"calibration ({report.serving}, deciles): mean predicted / observed / rows")
     lines += [
         f"  {r['decile']:>2}  {r['mean_predicted']:.4f}  {r['observed_rate']:.4f}  {r['rows']}"
         for r in report.calibration_table

@@ -13,6 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from microseg.segments.health import KPI_LABELS, kpi_text
+
 # Chart titles (per-model charts add the model name in parentheses).
 SIZES_TITLE = "Rule segment sizes over time"
 CHANGES_TITLE = "Users entering and leaving segments per run"
@@ -498,39 +500,16 @@ def health_section(health: tuple[pd.DataFrame | None, pd.DataFrame | None]) -> S
     layout(fig, HEALTH_TITLE, yaxis={"title": "members who ordered", "tickformat": ".0%"})
     section.charts.append(Chart(HEALTH_TITLE, fig))
     latest = kpis[kpis["as_of"] == kpis["as_of"].max()]
-
-    def rate(value: Any) -> str:
-        return "" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
-
-    def amount(value: Any) -> str:
-        return "" if value is None or pd.isna(value) else f"{value:,.2f}"
-
     section.notes.append(
         f"KPIs as of {when_text(kpis['as_of'].max())} (`gold/segment_kpis`); `all_users` is "
         "everyone with features."
     )
     section.tables.append(
         (
+            ["segment", *(label for _, label, _ in KPI_LABELS)],
             [
-                "segment",
-                "members",
-                "conversion 30d",
-                "revenue / user 30d",
-                "AOV 30d",
-                "sessions / user 30d",
-                "retention 30d",
-            ],
-            [
-                [
-                    r.segment_id,
-                    int(r.members),
-                    rate(r.conversion_rate_30d),
-                    amount(r.revenue_per_user_30d),
-                    amount(r.aov_30d),
-                    amount(r.sessions_per_user_30d),
-                    rate(r.retention_30d),
-                ]
-                for r in latest.itertuples()
+                [row["segment_id"], *(kpi_text(row[c], kind) for c, _, kind in KPI_LABELS)]
+                for row in latest.to_dict("records")
             ],
         )
     )
