@@ -100,6 +100,42 @@ def test_features_by_hand(spark):
     assert u2["sessions_30d"] == 0 and u2["sessions_90d"] == 1
     assert u2["recency_score"] is None and u1["recency_score"] is not None
     assert u2["desktop_session_share"] == 1.0 and u2["mobile_session_share"] == 0.0
+    # purchase history: u1's purchase sessions start at T - 2 days (w0) and T - 1 day - 10 min
+    # (a1), on two UTC days; the gap between them is 1 day less 10 minutes
+    gap = 1 - 10 / DAY
+    assert u1["days_since_first_purchase"] == pytest.approx(2.0)
+    assert u1["order_days_lifetime"] == 2
+    assert u1["mean_days_between_orders"] == pytest.approx(gap)
+    assert u1["days_between_last_two_orders"] == pytest.approx(gap)
+    # both orders in the last 30 days, none in the 60 before
+    assert (u1["orders_trend_30d"], u1["revenue_trend_30d"]) == (2.0, pytest.approx(24.0))
+    assert (u2["days_since_first_purchase"], u2["order_days_lifetime"]) == (None, 0)
+    assert (u2["mean_days_between_orders"], u2["days_between_last_two_orders"]) == (None, None)
+    assert (u2["orders_trend_30d"], u2["revenue_trend_30d"]) == (0.0, 0.0)
+
+
+def test_inter_purchase_gaps_of_three_orders(spark):
+    # purchase sessions 30, 20 and 5 days before T (more than 30 minutes apart): mean gap
+    # (30 - 5) / 2 = 12.5 days, last gap 15 days; orders_30d counts the three (the window is
+    # inclusive at T - 30 days), orders_90d too: trend 3 - 0 = 3
+    rows = [
+        ev(f"p{d}", -d * DAY, "purchase", user="u3", product="p1", category="toys", price=5.0)
+        for d in (30, 20, 5)
+    ]
+    u3 = features_of(spark, rows)["u3"]
+    assert u3["days_since_first_purchase"] == pytest.approx(30.0)
+    assert u3["order_days_lifetime"] == 3
+    assert u3["mean_days_between_orders"] == pytest.approx(12.5)
+    assert u3["days_between_last_two_orders"] == pytest.approx(15.0)
+    assert u3["orders_trend_30d"] == 3.0
+    # a fourth order 50 days before T: 3 in the last 30 days, 1 in the 60 before -> 3 - 1/2
+    u4 = features_of(
+        spark,
+        [*rows, ev("p50", -50 * DAY, "purchase", user="u3", product="p1", price=5.0)],
+    )["u3"]
+    assert u4["orders_trend_30d"] == 2.5
+    assert u4["revenue_trend_30d"] == pytest.approx(15.0 - 5.0 / 2)
+    assert u4["mean_days_between_orders"] == pytest.approx((50 - 5) / 3)
 
 
 def test_events_at_or_after_as_of_change_nothing(spark):

@@ -49,6 +49,10 @@ def _days_since(column: str) -> Callable[[], Column]:
     return lambda: (F.unix_micros(F.col("_as_of")) - F.unix_micros(F.col(column))) / 86_400e6
 
 
+def _gap_days(start: str, end: str) -> Column:
+    return (F.unix_micros(F.col(end)) - F.unix_micros(F.col(start))) / 86_400e6
+
+
 def _feature_catalog() -> list[Feature]:
     features = [
         Feature(
@@ -106,6 +110,41 @@ def _feature_catalog() -> list[Feature]:
             "Most product_view events of one product in the last 7 days among products not "
             "bought in those 7 days (the 'viewed a product more than 3 times' trigger); 0 if none",
             lambda: F.coalesce(F.col("_max_unbought_views_7d"), F.lit(0)),
+        ),
+        Feature(
+            "days_since_first_purchase",
+            "Days from the start of the first session with a purchase to T; null if none",
+            _days_since("_first_order"),
+        ),
+        Feature(
+            "order_days_lifetime",
+            "Distinct UTC days with a purchase session",
+            lambda: F.coalesce(F.col("_order_days"), F.lit(0)),
+        ),
+        Feature(
+            "mean_days_between_orders",
+            "(last - first purchase session start) / (orders_lifetime - 1), in days; null "
+            "below 2 orders",
+            lambda: F.when(
+                F.col("_orders_lifetime") >= 2,
+                _gap_days("_first_order", "_last_order") / (F.col("_orders_lifetime") - 1),
+            ),
+        ),
+        Feature(
+            "days_between_last_two_orders",
+            "Days between the starts of the last two purchase sessions; null below 2 orders",
+            lambda: _gap_days("_previous_order", "_last_order"),
+        ),
+        Feature(
+            "orders_trend_30d",
+            "orders_30d minus the 30-day average of the 60 days before it "
+            "(orders_90d - orders_30d) / 2: above 0, buying more often lately",
+            lambda: F.col("_orders_30d") - (F.col("_orders_90d") - F.col("_orders_30d")) / 2,
+        ),
+        Feature(
+            "revenue_trend_30d",
+            "revenue_30d minus (revenue_90d - revenue_30d) / 2: above 0, spending more lately",
+            lambda: F.col("_revenue_30d") - (F.col("_revenue_90d") - F.col("_revenue_30d")) / 2,
         ),
         Feature(
             "distinct_categories", "Distinct categories of events", _col("_distinct_categories")
@@ -224,6 +263,17 @@ def session_aggregates(sessions_df: DataFrame, as_of: datetime) -> DataFrame:
             .cast("int")
             .alias(f"_abandoned_{w}"),
         ]
+    # purchase history: when the purchase sessions started (first, last, the one before the
+    # last) and on how many UTC days
+    bought_at = F.when(F.col("has_purchase"), F.col("session_start"))
+    aggs += [
+        F.min(bought_at).alias("_first_order"),
+        F.max(bought_at).alias("_last_order"),
+        F.try_element_at(F.sort_array(F.collect_list(bought_at), asc=False), F.lit(2)).alias(
+            "_previous_order"
+        ),
+        F.count_distinct(F.to_date(bought_at)).cast("int").alias("_order_days"),
+    ]
     aggs += [F.count(F.when(F.col("device") == d, 1)).alias(f"_{d}_sessions") for d in DEVICES]
     aggs.append(F.count(F.when(F.col("utm_campaign").isNotNull(), 1)).alias("_campaign_sessions"))
     return sessions_df.groupBy("user_key").agg(*aggs)
