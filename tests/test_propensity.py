@@ -23,7 +23,7 @@ from microseg.ml.propensity.metrics import evaluate_scores
 from microseg.ml.propensity.models import in_user_holdout, user_fold
 from microseg.ml.propensity.score import score_propensity
 from microseg.ml.propensity.targets import model_features, segment_id, target_spec
-from microseg.ml.propensity.train import _tune_gbt, train_propensity
+from microseg.ml.propensity.train import _select, _tune_gbt, train_propensity
 from microseg.segments import membership
 
 T = datetime(2026, 9, 10)  # a label as-of
@@ -675,17 +675,21 @@ def test_logistic_regression_serves_when_chosen_and_explains_exactly(spark, trai
         # more orders than the fit rows' mean (1/2): a positive push, none: a negative one
         assert (orders.contribution > 0) == (orders.value > 0)
 
-    # auto: the validation users of the 6 fit rows (a quarter, by a hash of the key) hold
-    # one label only, so nothing tells the models apart and the GBT serves by default
-    auto = train_propensity(
-        spark,
-        make_config(root, *HAND_MODEL, "propensity.serve=auto"),
-        target="purchase_7d",
-        as_of=E,
+    # auto, on the trained GBT and the hand fit rows (F_AS_OF): the validation users of the 6
+    # fit rows (a quarter, by a hash of the key) hold one label only, so nothing tells the
+    # models apart and the GBT serves by default
+    fit_df, _ = labeled_snapshot(spark, cfg, target="purchase_7d", as_of=F_AS_OF)
+    _, gbt_report = trained
+    settings = make_config(root, *HAND_MODEL, "propensity.serve=auto").propensity
+    auto = _select(
+        fit_df.withColumn("weight", F.lit(1.0)),
+        PipelineModel(stages=gbt_report.model.stages[:-1]),
+        ["orders_lifetime", "days_since_last_event"],
+        settings,
     )
-    assert auto.serving == "gbt"
-    assert auto.selection["reason"] == (
-        "a validation side has one label only: the GBT serves by default"
+    assert (auto["serving"], auto["reason"]) == (
+        "gbt",
+        "a validation side has one label only: the GBT serves by default",
     )
 
 
