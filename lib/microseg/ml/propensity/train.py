@@ -4,7 +4,7 @@ evaluation against the baselines, and the registry entry."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -76,7 +76,7 @@ class PropensityTrainReport:
     selection: dict  # how: serve setting, validation metric of both, reason
     feature_importances: list[tuple[str, float]]
     shap_importances: list[tuple[str, float]]  # mean |SHAP value| (log-odds), evaluation rows
-    shap_base: float  # the GBT's expected log-odds over its training cover
+    shap_base: float  # expected log-odds: the GBT's over its training cover, or LR's intercept
     shap_rows: int
     beats_baselines: dict[str, bool]  # metric -> GBT better than both baselines
     verdict: str
@@ -181,29 +181,43 @@ def _validation_value(
         splits = [(fit_df.filter(~held_out), fit_df.filter(held_out))]
     values = []
     for train_df, validation_df in splits:
-        labels = {r[0] for r in validation_df.select(LABEL).distinct().collect()}
-        if len(labels) < 2 or train_df.select(LABEL).distinct().count() < 2:
+        if not (_both_labels(train_df) and _both_labels(validation_df)):
             return None
         values.append(evaluator.evaluate(estimator.fit(train_df, params).transform(validation_df)))
     return float(sum(values) / len(values))
 
 
+def _both_labels(frame_df: DataFrame) -> bool:
+    low, high = frame_df.agg(F.min(LABEL), F.max(LABEL)).first()
+    return low is not None and low != high
+
+
 def _select(
-    fit_df: DataFrame, best: PipelineModel, used: list[str], settings: PropensityConfig
+    fit_df: DataFrame,
+    best: PipelineModel,
+    used: list[str],
+    settings: PropensityConfig,
+    validation_metrics: Sequence[dict] = (),
 ) -> dict:
     """Which model the training saves (propensity.serve): with auto, the GBT at its chosen
-    grid point only when its validation metric is better than the logistic regression's."""
+    grid point only when its validation metric is better than the logistic regression's.
+    validation_metrics: the grid search's, on the same split or folds; the chosen point's
+    value is taken from them instead of fitting it again (a one-point grid has none)."""
     if settings.serve != "auto":
         return {"serve": settings.serve, "serving": settings.serve, "reason": "propensity.serve"}
-    pipeline, gbt = gbt_pipeline(used, seed=settings.seed)
-    tuned = best.stages[-1]
-    params = {
-        gbt.maxDepth: tuned.getMaxDepth(),
-        gbt.maxIter: tuned.getMaxIter(),
-        gbt.stepSize: tuned.getStepSize(),
-    }
+    if validation_metrics:
+        gbt_value = max(m[settings.metric] for m in validation_metrics)
+    else:
+        pipeline, gbt = gbt_pipeline(used, seed=settings.seed)
+        tuned = best.stages[-1]
+        params = {
+            gbt.maxDepth: tuned.getMaxDepth(),
+            gbt.maxIter: tuned.getMaxIter(),
+            gbt.stepSize: tuned.getStepSize(),
+        }
+        gbt_value = _validation_value(pipeline, params, fit_df, settings)
     values = {
-        "gbt": _validation_value(pipeline, params, fit_df, settings),
+        "gbt": gbt_value,
         "logistic_regression": _validation_value(logistic_pipeline(used), {}, fit_df, settings),
     }
     chosen = {"serve": "auto", "metric": settings.metric, "validation": values}
@@ -351,7 +365,7 @@ def train_propensity(
                 top_share=settings.top_share,
             )
         }
-        selection = _select(fit_df, best, used, settings)
+        selection = _select(fit_df, best, used, settings, validation_metrics)
         lr_model = logistic_pipeline(used).fit(fit_df)
         scorers["logistic_regression"] = calibrate_and_evaluate(
             lr_model.transform(calibration_df),
